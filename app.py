@@ -1,0 +1,181 @@
+"""Server-sent events with Django and Daphne, in one file.
+
+Run:    daphne app:application        then open http://127.0.0.1:8000/
+Watch:  curl -N http://127.0.0.1:8000/stream/
+Resume: curl -N -H 'Last-Event-ID: 41' http://127.0.0.1:8000/stream/
+"""
+
+import asyncio
+import gc
+import logging
+import os
+import random
+import re
+import secrets
+import sys
+from pathlib import Path
+
+from django.conf import settings
+from django.core.asgi import get_asgi_application
+from django.core.signals import request_finished, request_started
+from django.db import close_old_connections, reset_queries
+from django.http import HttpResponse, StreamingHttpResponse
+from django.template.loader import render_to_string
+from django.urls import path
+from django.views.decorators.http import require_GET, require_safe
+
+SSE_INTERVAL = float(os.environ.get("SSE_INTERVAL", "1.0"))  # seconds between events
+SSE_MAX_AGE = float(
+    os.environ.get("SSE_MAX_AGE", "300")
+)  # seconds before a stream ends
+SSE_MAX_STREAMS = int(os.environ.get("SSE_MAX_STREAMS", "5000"))  # per process
+
+settings.configure(
+    DEBUG=os.environ.get("DJANGO_DEBUG") == "1",
+    # Django signs nothing here, so a fresh random key per start loses nothing.
+    SECRET_KEY=os.environ.get("DJANGO_SECRET_KEY") or secrets.token_urlsafe(50),
+    ALLOWED_HOSTS=os.environ.get(
+        "DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]"
+    ).split(","),
+    # Make this module the URLconf.
+    ROOT_URLCONF=__name__,
+    # Daphne first makes `python app.py runserver` serve ASGI, as Daphne does.
+    INSTALLED_APPS=["daphne"],
+    # __name__, not "app": under `python app.py` this module is __main__.
+    ASGI_APPLICATION=f"{__name__}.application",
+    # Django's middleware runs its hooks through sync_to_async, which keeps an
+    # OS thread for as long as the request lives: for a stream, its whole life.
+    MIDDLEWARE=[],
+    TEMPLATES=[
+        {
+            "BACKEND": "django.template.backends.django.DjangoTemplates",
+            "DIRS": [Path(__file__).resolve().parent],  # sse.html sits beside us
+        }
+    ],
+    LOGGING={
+        "version": 1,
+        "disable_existing_loggers": False,
+        # Any bot can send a bad Host; a 400 answers it, a traceback per
+        # probe would only bury the log.
+        "loggers": {
+            "django.security.DisallowedHost": {"level": "CRITICAL"},
+            __name__: {"level": "INFO"},  # one line per stream that ends
+        },
+    },
+)
+
+# This app has no database. These receivers are synchronous, so each request
+# would run them in a thread of its own, held until the stream ends.
+request_started.disconnect(reset_queries)
+request_started.disconnect(close_old_connections)
+request_finished.disconnect(close_old_connections)
+
+logger = logging.getLogger(__name__)
+
+EMOJIS = "🚀 🐎 🌅 🦾 🍇".encode().split()  # bytes: Django sends them as they are
+LAST_EVENT_ID = re.compile(r"[0-9]{1,18}")  # ASCII only, and small enough to add 1
+open_streams = 0
+
+
+class Clock:
+    """Wakes every open stream from one timer, not one timer per stream."""
+
+    def __init__(self):
+        self.tick = None
+
+    async def next_tick(self):
+        if self.tick is None:
+            self.tick = asyncio.Event()
+            asyncio.get_running_loop().call_later(SSE_INTERVAL, self.strike)
+        await self.tick.wait()
+
+    def strike(self):
+        tick, self.tick = self.tick, None
+        tick.set()
+
+
+clock = Clock()
+
+
+async def events(next_id):
+    """Yield `retry:`, then one event per tick, until SSE_MAX_AGE has passed."""
+    global open_streams
+    open_streams += 1
+    loop = asyncio.get_running_loop()
+    ends_at = loop.time() + SSE_MAX_AGE
+    try:
+        # Jitter spreads the reconnects of many browsers after a restart.
+        yield b"retry: %d\n\n" % random.randint(1000, 3000)
+        while True:
+            yield b"id: %d\ndata: %b %d\n\n" % (next_id, random.choice(EMOJIS), next_id)
+            next_id += 1
+            if loop.time() >= ends_at:
+                # A clean end: the browser reconnects with Last-Event-ID, maybe to
+                # a fresher process, and a dead client costs no more than this.
+                logger.info("stream reached SSE_MAX_AGE before id %d", next_id)
+                return
+            await clock.next_tick()
+    except (asyncio.CancelledError, GeneratorExit):
+        logger.info("client went away before id %d", next_id)
+        raise  # Django cancels us when the client goes; let it finish.
+    finally:
+        open_streams -= 1
+
+
+@require_GET
+async def stream(request):
+    request.get_host()  # No middleware checks ALLOWED_HOSTS, so do it here.
+    if open_streams >= SSE_MAX_STREAMS:
+        # EventSource gives up on a 503; the page retries it later by itself.
+        return HttpResponse(
+            "Too many streams", status=503, headers={"Retry-After": "5"}
+        )
+    # EventSource sends Last-Event-ID when it reconnects; the page passes the
+    # last id in the query string when it opens a new EventSource.
+    last_id = request.headers.get("Last-Event-ID") or request.GET.get("lastEventId", "")
+    next_id = int(last_id) + 1 if LAST_EVENT_ID.fullmatch(last_id) else 0
+    return StreamingHttpResponse(
+        events(next_id),
+        content_type="text/event-stream",
+        headers={
+            "Cache-Control": "no-cache",  # Every event is new; never store one.
+            "X-Accel-Buffering": "no",  # nginx: pass each event on at once.
+        },
+    )
+
+
+@require_safe
+def index(request):
+    request.get_host()
+    nonce = secrets.token_urlsafe(16)  # Only the page's own script may run.
+    csp = (
+        f"default-src 'self'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}';"
+        " base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+    page = render_to_string("sse.html", {"nonce": nonce}, request)
+    return HttpResponse(
+        page,
+        headers={
+            "Content-Security-Policy": csp,
+            "X-Frame-Options": "DENY",
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "same-origin",
+        },
+    )
+
+
+urlpatterns = [
+    path("", index),
+    path("stream/", stream),
+]
+
+application = get_asgi_application()
+
+# Everything imported so far lives as long as the process: leave it out of
+# every garbage collection, which then only walks the objects of open streams.
+gc.freeze()
+
+if __name__ == "__main__":
+    from django.core.management import execute_from_command_line
+
+    execute_from_command_line(sys.argv)
