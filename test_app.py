@@ -1,0 +1,488 @@
+"""What app.py promises, layer by layer.
+
+1. In-process: the protocol through Django's async test client, with no real waiting.
+2. A real `daphne app:application` on a free port, read with httpx-sse.
+3. A real browser: Chromium driven by Playwright, against that Daphne.
+
+Run: pytest
+"""
+
+import asyncio
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from itertools import islice, pairwise
+from pathlib import Path
+
+import httpx
+import pytest
+from asgiref.testing import ApplicationCommunicator
+from django.test import AsyncClient
+from django.test.utils import setup_test_environment, teardown_test_environment
+from httpx_sse import connect_sse
+
+import app
+
+HERE = Path(__file__).resolve().parent
+CI = os.environ.get("CI") == "true"
+EVENT = re.compile(rb"id: (\d+)\ndata: (\S+) (\d+)\n\n")
+
+
+# 1. In-process ----------------------------------------------------------------
+
+
+@pytest.fixture
+def fast(monkeypatch):
+    """Ticks every 10 ms; a fresh clock, since each test runs its own event loop."""
+    monkeypatch.setattr(app, "SSE_INTERVAL", 0.01)
+    monkeypatch.setattr(app, "clock", app.Clock())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def test_environment():
+    """As Django's test runner does: among others, allows the client's Host."""
+    setup_test_environment()
+    yield
+    teardown_test_environment()
+
+
+def client():
+    return AsyncClient()
+
+
+async def first_chunks(response, count):
+    """The first `count` chunks of a streaming response; then hang up."""
+    chunks = []
+    async for chunk in response.streaming_content:
+        chunks.append(chunk)
+        if len(chunks) == count:
+            break
+    await response.streaming_content.aclose()
+    return chunks
+
+
+async def first_ids(count=1, **headers):
+    # Header values travel as bytes; Django reads them as latin-1, as ASGI says.
+    headers = {
+        name: value.encode().decode("latin-1") for name, value in headers.items()
+    }
+    response = await client().get("/stream/", headers=headers)
+    chunks = await first_chunks(response, count + 1)
+    return [int(EVENT.fullmatch(chunk)[1]) for chunk in chunks[1:]]
+
+
+@pytest.mark.anyio
+async def test_stream_is_an_uncached_unbuffered_event_stream(fast):
+    response = await client().get("/stream/")
+    await first_chunks(response, 1)
+    assert response.status_code == 200
+    assert response["Content-Type"] == "text/event-stream"
+    assert response["Cache-Control"] == "no-cache"
+    assert response["X-Accel-Buffering"] == "no"
+    assert not response.has_header("Connection")  # hop-by-hop: the server's business
+    assert not response.has_header("Content-Encoding")
+
+
+@pytest.mark.anyio
+async def test_stream_sends_retry_once_then_numbered_events(fast):
+    response = await client().get("/stream/")
+    retry, *events = await first_chunks(response, 6)
+    assert re.fullmatch(rb"retry: \d+\n\n", retry)
+    assert 1000 <= int(retry.split()[1]) <= 3000
+    parsed = [EVENT.fullmatch(event) for event in events]
+    assert all(parsed), events
+    assert [int(m[1]) for m in parsed] == [0, 1, 2, 3, 4]
+    assert [int(m[3]) for m in parsed] == [0, 1, 2, 3, 4]  # data carries the id too
+    assert {m[2].decode() for m in parsed} <= set("🚀🐎🌅🦾🍇")
+
+
+@pytest.mark.anyio
+async def test_first_event_goes_out_at_once(monkeypatch):
+    monkeypatch.setattr(app, "SSE_INTERVAL", 60)
+    monkeypatch.setattr(app, "clock", app.Clock())
+    with pytest.raises(TimeoutError):  # the second event waits for the clock...
+        async with asyncio.timeout(0.5):
+            await first_ids(2)
+    async with asyncio.timeout(0.5):  # ...the first does not.
+        assert await first_ids(1) == [0]
+
+
+GOOD_LAST_EVENT_IDS = {"0": 1, "41": 42, "007": 8, "9" * 18: 10**18}
+BAD_LAST_EVENT_IDS = [
+    "",
+    "-1",
+    "+1",
+    "4 1",
+    "1.5",
+    "1e3",
+    "0x10",
+    "41\n",
+    "٤٢",  # Arabic-Indic digits: digits to Python, not to the rule
+    "１２",  # fullwidth digits
+    "9" * 19,
+    "null",
+    "<script>",
+]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("value, next_id", GOOD_LAST_EVENT_IDS.items())
+async def test_last_event_id_of_ascii_digits_resumes_after_it(fast, value, next_id):
+    assert await first_ids(2, last_event_id=value) == [next_id, next_id + 1]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("value", BAD_LAST_EVENT_IDS)
+async def test_any_other_last_event_id_starts_fresh(fast, value):
+    assert await first_ids(1, last_event_id=value) == [0]
+
+
+@pytest.mark.anyio
+async def test_query_string_resumes_a_new_eventsource_but_the_header_wins(fast):
+    response = await client().get("/stream/", {"lastEventId": "41"})
+    assert EVENT.fullmatch((await first_chunks(response, 2))[1])[1] == b"42"
+    response = await client().get(
+        "/stream/", {"lastEventId": "41"}, headers={"last-event-id": "7"}
+    )
+    assert EVENT.fullmatch((await first_chunks(response, 2))[1])[1] == b"8"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("method", ["post", "put", "patch", "delete", "head"])
+async def test_stream_answers_other_methods_with_405(method):
+    response = await getattr(client(), method)("/stream/")
+    assert response.status_code == 405
+    assert response["Allow"] == "GET"
+
+
+def asgi_get(path, host=b"localhost"):
+    """A connection to the ASGI application as Daphne would make it."""
+    scope = {"type": "http", "method": "GET", "path": path, "query_string": b""}
+    scope["headers"] = [(b"host", host)]
+    return ApplicationCommunicator(app.application, scope)
+
+
+@pytest.mark.anyio
+async def test_unknown_path_is_404():
+    assert (await client().get("/nope/")).status_code == 404
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("path", ["/", "/stream/"])
+async def test_host_outside_allowed_hosts_is_400(path):
+    connection = asgi_get(path, host=b"evil.example")
+    await connection.send_input({"type": "http.request"})
+    assert (await connection.receive_output(1))["status"] == 400
+
+
+@pytest.mark.anyio
+async def test_page_runs_only_its_own_script_and_refuses_framing():
+    first, second = await client().get("/"), await client().get("/")
+    assert first.status_code == 200
+    csp = first["Content-Security-Policy"]
+    script_src = re.search(r"script-src ([^;]*)", csp)[1]
+    assert "unsafe-inline" not in script_src
+    nonce = re.fullmatch(r"'nonce-([\w-]{16,})'", script_src)[1]
+    assert f'<script nonce="{nonce}">' in first.text
+    assert nonce not in second["Content-Security-Policy"]  # new each request
+    assert "frame-ancestors 'none'" in csp
+    assert first["X-Frame-Options"] == "DENY"
+    assert first["X-Content-Type-Options"] == "nosniff"
+    assert first["Referrer-Policy"] == "same-origin"
+
+
+@pytest.mark.anyio
+async def test_client_going_away_cancels_the_stream_and_is_logged(fast, caplog):
+    caplog.set_level("INFO", logger="app")
+    connection = asgi_get("/stream/")
+    await connection.send_input({"type": "http.request"})
+    assert (await connection.receive_output(1))["status"] == 200
+    await connection.receive_output(1)  # retry:
+    await connection.receive_output(1)  # id: 0
+    assert app.open_streams == 1
+    await connection.send_input({"type": "http.disconnect"})
+    await connection.wait(1)  # the application returns: nothing left running
+    assert app.open_streams == 0
+    assert re.search(r"client went away before id \d+", caplog.text)
+
+
+# 2. A real Daphne over a real socket -------------------------------------------
+
+DAPHNE = shutil.which("daphne", path=Path(sys.executable).parent) or "daphne"
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Daphne:
+    """`daphne app:application` in a subprocess, its output in a file."""
+
+    def __init__(self, log_dir, endpoint="tcp:port={port}:interface=127.0.0.1", **env):
+        self.port = free_port()
+        self.endpoint = endpoint.format(port=self.port)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
+        self.log_dir = log_dir
+        self.process = None
+        self.starts = 0
+
+    def start(self, timeout=20):
+        self.starts += 1
+        self.log_path = self.log_dir / f"daphne-{self.port}-{self.starts}.log"
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [DAPHNE, "-e", self.endpoint, "app:application"],
+                cwd=HERE,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.log
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        raise TimeoutError(f"Daphne did not listen within {timeout} s:\n{self.log}")
+
+    def stop(self, timeout=10):
+        """SIGTERM, as a process manager sends it; the exit code.
+
+        No traceback may be logged while serving. On Django 5.2 the shutdown itself
+        may log one (see the README's pitfalls), so the check comes first.
+        """
+        assert "Traceback" not in self.log, self.log
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def restart(self):
+        self.stop()
+        return self.start()
+
+    @property
+    def log(self):
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, pattern, count=1, timeout=10):
+        deadline = time.monotonic() + timeout
+        while len(re.findall(pattern, self.log)) < count:
+            assert time.monotonic() < deadline, f"no {pattern!r} in:\n{self.log}"
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def daphne(tmp_path):
+    """Starts Daphne processes for one test, and stops each by its pid."""
+    servers = []
+
+    def start(**env):
+        servers.append(Daphne(tmp_path, **env))
+        return servers[-1].start()
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One Daphne shared by the tests that do not stop it."""
+    shared = Daphne(tmp_path_factory.mktemp("daphne"), SSE_INTERVAL="0.1")
+    yield shared.start()
+    shared.stop()
+
+
+def read_events(url, count, last_event_id=None):
+    """The first `count` events (not the retry-only one) from a real SSE client."""
+    headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+    with (
+        httpx.Client(timeout=5) as http,
+        connect_sse(http, "GET", url + "/stream/", headers=headers) as source,
+    ):
+        source.response.raise_for_status()
+        events = (event for event in source.iter_sse() if event.data)
+        return list(islice(events, count))
+
+
+def test_daphne_serves_the_page_and_the_stream(server):
+    page = httpx.get(server.url + "/", timeout=5)
+    assert page.status_code == 200
+    assert 'id="sse-data"' in page.text
+    events = read_events(server.url, 3)
+    assert [event.id for event in events] == ["0", "1", "2"]
+    assert [event.data.split()[1] for event in events] == ["0", "1", "2"]
+
+
+def test_events_arrive_one_by_one_not_in_a_batch(server):
+    arrivals = []
+    with (
+        httpx.Client(timeout=5) as http,
+        connect_sse(http, "GET", server.url + "/stream/") as source,
+    ):
+        for _ in islice(source.iter_sse(), 5):  # retry, then ids 0-3
+            arrivals.append(time.monotonic())
+    gaps = [later - earlier for earlier, later in pairwise(arrivals[2:])]
+    assert all(gap > 0.05 for gap in gaps), gaps  # SSE_INTERVAL is 0.1 s
+
+
+def test_daphne_resumes_after_last_event_id(server):
+    events = read_events(server.url, 2, last_event_id="41")
+    assert [event.id for event in events] == ["42", "43"]
+
+
+def test_disconnect_ends_the_stream_on_the_server(server):
+    before = len(re.findall("client went away", server.log))
+    read_events(server.url, 2)
+    server.wait_for_log("client went away", count=before + 1, timeout=5)
+
+
+def test_resume_across_a_server_restart(daphne):
+    server = daphne(SSE_INTERVAL="0.1")
+    last_id = read_events(server.url, 3)[-1].id
+    server.restart()
+    assert [
+        event.id for event in read_events(server.url, 2, last_event_id=last_id)
+    ] == [
+        str(int(last_id) + 1),
+        str(int(last_id) + 2),
+    ]
+
+
+# 3. A real browser ------------------------------------------------------------
+
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Playwright's own Chromium if installed, else the system's."""
+    try:
+        from playwright.sync_api import Error, sync_playwright
+    except ImportError:
+        pytest.fail("pip install playwright") if CI else pytest.skip("no playwright")
+    with sync_playwright() as playwright:
+        try:
+            chromium = playwright.chromium.launch(args=CHROMIUM_ARGS)
+        except Error:
+            found = next(
+                filter(
+                    None,
+                    map(
+                        shutil.which, ["chromium", "chromium-browser", "google-chrome"]
+                    ),
+                ),
+                None,
+            )
+            if not found:
+                how = "`playwright install chromium` or `apt-get install chromium`"
+                pytest.fail(f"no Chromium: {how}") if CI else pytest.skip(
+                    f"no Chromium: {how}"
+                )
+            chromium = playwright.chromium.launch(
+                executable_path=found, args=CHROMIUM_ARGS
+            )
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A fresh page; fails the test on a script error or a blocked resource."""
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on(
+        "console",
+        lambda message: (
+            "Content Security Policy" in message.text and errors.append(message.text)
+        ),
+    )
+    yield page
+    context.close()
+    assert not errors
+
+
+def shown_ids(page):
+    return [
+        int(line.split()[-1])
+        for line in page.locator("#sse-data li").all_text_contents()
+    ]
+
+
+def wait_for_lines(page, count):
+    page.wait_for_function(
+        "n => document.querySelectorAll('#sse-data li').length >= n", arg=count
+    )
+
+
+def wait_for_id(page, event_id):
+    page.wait_for_function(
+        "id => [...document.querySelectorAll('#sse-data li')]"
+        ".some(line => line.textContent.endsWith(' ' + id))",
+        arg=event_id,
+    )
+
+
+def test_browser_start_shows_events_live(server, page):
+    page.goto(server.url)
+    assert page.locator("#state").text_content() == "stopped"
+    assert page.locator("#stop").is_disabled()
+    page.click("#start")
+    wait_for_lines(page, 3)
+    assert page.locator("#state").text_content() == "live"
+    assert page.locator("#start").is_disabled()
+    assert shown_ids(page)[:3] == [0, 1, 2]
+    assert re.fullmatch(r"\S+ 0", page.locator("#sse-data li").first.text_content())
+
+
+def test_browser_stop_closes_the_stream(server, page):
+    page.goto(server.url)
+    page.click("#start")
+    wait_for_lines(page, 2)
+    before = len(re.findall("client went away", server.log))
+    page.click("#stop")
+    server.wait_for_log("client went away", count=before + 1, timeout=5)
+    assert page.locator("#state").text_content() == "stopped"
+    assert page.locator("#start").is_enabled() and page.locator("#stop").is_disabled()
+    shown = shown_ids(page)
+    time.sleep(0.5)  # five intervals: any event still coming would be here
+    assert shown_ids(page) == shown
+
+
+def test_browser_resumes_across_a_server_restart_with_no_gap(daphne, page):
+    server = daphne(SSE_INTERVAL="0.2")
+    page.goto(server.url)
+    page.click("#start")
+    wait_for_lines(page, 3)
+    server.restart()
+    last = shown_ids(page)[-1]
+    wait_for_id(page, last + 3)
+    ids = shown_ids(page)
+    assert ids == list(range(ids[0], ids[0] + len(ids))), ids  # no gap, no duplicate
+    assert page.locator("#state").text_content() == "live"
