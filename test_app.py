@@ -486,3 +486,99 @@ def test_browser_resumes_across_a_server_restart_with_no_gap(daphne, page):
     ids = shown_ids(page)
     assert ids == list(range(ids[0], ids[0] + len(ids))), ids  # no gap, no duplicate
     assert page.locator("#state").text_content() == "live"
+
+
+# 4. Capacity: what an open stream costs ---------------------------------------
+
+
+def proc_status(pid, field):
+    """A number from /proc/PID/status: VmRSS (kB) or Threads."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Listener(asyncio.Protocol):
+    """A cheap load client for one stream: the status and when each event arrives."""
+
+    def __init__(self, request):
+        self.request = request
+        self.head = b""
+        self.status = None
+        self.arrivals = []
+        self.ended = False
+
+    def connection_made(self, transport):
+        self.transport = transport
+        transport.write(self.request)
+
+    def data_received(self, data):
+        if self.status is None:
+            self.head += data
+            if b"\r\n\r\n" not in self.head:
+                return
+            head, data = self.head.split(b"\r\n\r\n", 1)
+            self.status = int(head.split()[1])
+        # Every event (and the retry block) ends with one blank line.
+        self.arrivals += [time.monotonic()] * data.count(b"\n\n")
+
+    def connection_lost(self, exc):
+        self.ended = True
+
+
+async def open_streams(port, count, ramp=0.0):
+    """`count` streams to 127.0.0.1:port, opened evenly over `ramp` seconds."""
+    loop = asyncio.get_running_loop()
+    request = f"GET /stream/ HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+    listeners, started = [], time.monotonic()
+    for index in range(count):
+        _, listener = await loop.create_connection(
+            lambda: Listener(request), "127.0.0.1", port
+        )
+        listeners.append(listener)
+        await asyncio.sleep(
+            max(0, started + ramp * (index + 1) / count - time.monotonic())
+        )
+    return listeners
+
+
+async def until(condition, timeout, step=0.05):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(step)
+
+
+def test_open_streams_hold_no_thread_and_leave_nothing_behind(daphne):
+    """Three rounds of 300 streams, each dropped at once: threads stay flat,
+    every stream ends on the server, and the count of open streams returns to 0
+    (with SSE_MAX_STREAMS at 300, a leaked stream would turn the next round to 503)."""
+    server = daphne(SSE_INTERVAL="0.2", SSE_MAX_STREAMS="300")
+    pid = server.process.pid
+    read_events(server.url, 1)  # Django is warm: its threads for a request are made
+    baseline = proc_status(pid, "Threads")
+
+    async def rounds():
+        for round_number in range(1, 4):
+            listeners = await open_streams(server.port, 300)
+            await until(
+                lambda got=listeners: all(len(s.arrivals) >= 3 for s in got), 30
+            )
+            assert {each.status for each in listeners} == {200}
+            assert proc_status(pid, "Threads") <= baseline + 1
+            for listener in listeners:
+                listener.transport.close()
+            await asyncio.to_thread(
+                server.wait_for_log, "client went away", 300 * round_number, 15
+            )
+            # Django closes each response in a short-lived thread; all of them go.
+            await until(lambda: proc_status(pid, "Threads") <= baseline, 15)
+
+    asyncio.run(rounds())
