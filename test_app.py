@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from itertools import islice, pairwise
 from pathlib import Path
 
@@ -549,6 +550,12 @@ async def open_streams(port, count, ramp=0.0):
     return listeners
 
 
+def run(coroutine):
+    """asyncio.run in a thread of its own: Playwright's sync API owns this one's loop."""
+    with ThreadPoolExecutor(1) as thread:
+        return thread.submit(asyncio.run, coroutine).result()
+
+
 async def until(condition, timeout, step=0.05):
     deadline = time.monotonic() + timeout
     while not condition():
@@ -581,4 +588,179 @@ def test_open_streams_hold_no_thread_and_leave_nothing_behind(daphne):
             # Django closes each response in a short-lived thread; all of them go.
             await until(lambda: proc_status(pid, "Threads") <= baseline, 15)
 
-    asyncio.run(rounds())
+    run(rounds())
+
+
+# 5. The benchmark: python test_app.py bench [STREAMS] ------------------------------
+
+# The ceiling for Python: the same stream (shared clock, bytes, chunked HTTP/1.1) from
+# asyncio alone, with no framework and no server library.
+BARE_ASYNCIO_SERVER = """
+import asyncio, random, sys
+
+async def main(port):
+    tick = asyncio.Event()
+
+    async def clock():
+        nonlocal tick
+        while True:
+            await asyncio.sleep(1)
+            tick, struck = asyncio.Event(), tick
+            struck.set()
+
+    async def stream(reader, writer):
+        await reader.readuntil(b"\\r\\n\\r\\n")
+        writer.write(b"HTTP/1.1 200 OK\\r\\nContent-Type: text/event-stream\\r\\n"
+                     b"Cache-Control: no-cache\\r\\nTransfer-Encoding: chunked\\r\\n\\r\\n")
+        next_id = 0
+        try:
+            while True:
+                event = b"id: %d\\ndata: %b %d\\n\\n" % (next_id, random.choice(EMOJIS), next_id)
+                writer.write(b"%x\\r\\n%b\\r\\n" % (len(event), event))
+                await writer.drain()
+                next_id += 1
+                await tick.wait()
+        except ConnectionError:
+            writer.close()
+
+    EMOJIS = "🚀 🐎 🌅 🦾 🍇".encode().split()
+    asyncio.get_running_loop().create_task(clock())
+    server = await asyncio.start_server(stream, "127.0.0.1", port, backlog=4096)
+    await server.serve_forever()
+
+asyncio.run(main(int(sys.argv[1])))
+"""
+
+
+def measure(command, port, streams, hold, log_path):
+    """Hold `streams` streams against a server pinned to core 0; then drop them all."""
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(
+            ["taskset", "-c", "0", *command],
+            cwd=HERE,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        return run(load(server.pid, port, streams, hold))
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+async def load(pid, port, streams, hold):
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            warm = await open_streams(port, 1)
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "server did not start"
+            await asyncio.sleep(0.1)
+    await until(lambda: len(warm[0].arrivals) >= 2, 10)
+    warm[0].transport.close()
+    await asyncio.sleep(1)
+    rss, threads = proc_status(pid, "VmRSS"), proc_status(pid, "Threads")
+    figures = {}
+
+    listeners = await open_streams(port, streams, ramp=max(5, streams / 800))
+    await asyncio.sleep(3)
+    start, cpu_start = time.monotonic(), cpu_seconds(pid)
+    threads_during = proc_status(pid, "Threads")
+    await asyncio.sleep(hold)
+    end, cpu_end = time.monotonic(), cpu_seconds(pid)
+    figures["streams held"] = sum(l.status == 200 and not l.ended for l in listeners)
+    rss_during = proc_status(pid, "VmRSS")
+    figures["KB RSS per stream"] = (rss_during - rss) / streams
+    figures["threads, idle"] = threads
+    figures["threads, streams open"] = max(threads_during, proc_status(pid, "Threads"))
+    gaps, events = [], 0
+    for listener in listeners:
+        seen = [t for t in listener.arrivals if start <= t <= end]
+        events += len(seen)
+        gaps += [later - earlier for earlier, later in pairwise(seen)]
+    gaps.sort()
+    figures["CPU us per event"] = (cpu_end - cpu_start) / max(1, events) * 1e6
+    figures["gap p50 (s)"] = gaps[len(gaps) // 2]
+    figures["gap p99 (s)"] = gaps[int(len(gaps) * 0.99)]
+    figures["gap max (s)"] = gaps[-1]
+    figures["late gaps > 1.25 s (%)"] = 100 * sum(g > 1.25 for g in gaps) / len(gaps)
+
+    dropped_at = time.monotonic()
+    for listener in listeners:
+        listener.transport.close()
+    peak, back_at = threads, None
+    while time.monotonic() - dropped_at < 15:
+        now = proc_status(pid, "Threads")
+        peak = max(peak, now)
+        if now <= threads and back_at is None and time.monotonic() - dropped_at > 1:
+            back_at = time.monotonic() - dropped_at
+            break
+        await asyncio.sleep(0.1)
+    figures["threads, peak after mass drop"] = peak
+    figures["s back to idle threads"] = back_at if back_at is not None else float("nan")
+    asked = time.monotonic()
+    fresh = await open_streams(port, 1)
+    await until(lambda: fresh[0].arrivals, 10, step=0.001)
+    figures["ms to first event after drop"] = (fresh[0].arrivals[0] - asked) * 1000
+    fresh[0].transport.close()
+
+    rounds = []
+    for _ in range(3):
+        batch = await open_streams(port, 1500, ramp=2)
+        await asyncio.sleep(3)
+        for listener in batch:
+            listener.transport.close()
+        await asyncio.sleep(4)
+        rounds.append(proc_status(pid, "VmRSS") / 1024)
+    figures["RSS MB after rounds 1/2/3 of 1500"] = "/".join(
+        f"{mb:.0f}" for mb in rounds
+    )
+    figures["RSS round 3 / round 1"] = rounds[2] / rounds[0]
+    return figures
+
+
+def bench(streams=4000, hold=20.0):
+    """Daphne on core 0, this load on core 1; the same against the bare-asyncio ceiling."""
+    import resource
+    import tempfile
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (20_000, 20_000))
+    os.sched_setaffinity(0, {1})
+    logs = Path(tempfile.mkdtemp(prefix="sse-bench-"))
+    app_port, bare_port = free_port(), free_port()
+    endpoint = f"tcp:port={app_port}:interface=127.0.0.1:backlog=4096"
+    results = {
+        "app.py": measure(
+            [DAPHNE, "-e", endpoint, "app:application"],
+            app_port,
+            streams,
+            hold,
+            logs / "daphne.log",
+        ),
+        "bare asyncio": measure(
+            [sys.executable, "-c", BARE_ASYNCIO_SERVER, str(bare_port)],
+            bare_port,
+            streams,
+            hold,
+            logs / "bare.log",
+        ),
+    }
+    errors = len(re.findall("ERROR|Traceback", (logs / "daphne.log").read_text()))
+    print(
+        f"\n{streams} streams, one event a second, held {hold:.0f} s; server on core 0"
+    )
+    print(f"{'':38}{'app.py':>12}{'bare asyncio':>14}{'ratio':>8}")
+    for name, ours in results["app.py"].items():
+        ceiling = results["bare asyncio"][name]
+        if isinstance(ours, str):
+            print(f"{name:38}{ours:>12}{ceiling:>14}")
+            continue
+        ratio = f"{ours / ceiling:.2f}" if ceiling else ""
+        print(f"{name:38}{ours:>12.3g}{ceiling:>14.3g}{ratio:>8}")
+    print(f"{'errors logged by app.py':38}{errors:>12}")
+    print(f"logs: {logs}")
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["bench"]:
+    bench(int(sys.argv[2]) if len(sys.argv) > 2 else 4000)
