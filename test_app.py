@@ -8,6 +8,9 @@ Run: pytest
 """
 
 import asyncio
+import datetime
+import importlib.util
+import ipaddress
 import os
 import re
 import shutil
@@ -866,6 +869,88 @@ def test_browser_keeps_only_the_latest_100_lines(daphne, page):
     wait_for_id(page, 150)
     ids = shown_ids(page)
     assert len(ids) == 100 and ids == list(range(ids[0], ids[0] + 100)), ids
+
+
+def make_certificate(directory):
+    """A self-signed certificate for localhost and 127.0.0.1, made for this run."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    alt_names = [
+        x509.DNSName("localhost"),
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+    ]
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    (directory / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    (directory / "cert.pem").write_bytes(
+        certificate.public_bytes(serialization.Encoding.PEM)
+    )
+    return directory / "key.pem", directory / "cert.pem"
+
+
+EIGHT_STREAMS = """() => {
+    window.received = Array(8).fill(0);
+    for (let i = 0; i < 8; i++) {
+        new EventSource("/stream/").onmessage = () => window.received[i]++;
+    }
+}"""
+
+
+def live_streams_of_eight(page, url):
+    """Open 8 EventSources on one page; how many of them receive events."""
+    page.goto(url)
+    page.evaluate(EIGHT_STREAMS)
+    page.wait_for_function("() => window.received.filter(n => n >= 3).length >= 6")
+    page.wait_for_timeout(2000)  # ten intervals: time for a 7th and 8th to start
+    return sum(count >= 3 for count in page.evaluate("window.received"))
+
+
+def test_browser_holds_at_most_six_streams_over_http_1_1(server, page):
+    assert live_streams_of_eight(page, server.url) == 6
+    assert page.evaluate("performance.getEntries()[0].nextHopProtocol") == "http/1.1"
+
+
+def test_browser_holds_eight_streams_over_http2(daphne, browser, tmp_path):
+    if not all(map(importlib.util.find_spec, ["h2", "OpenSSL", "cryptography"])):
+        why = 'no HTTP/2 in Twisted: pip install "twisted[tls,http2]"'
+        pytest.fail(why) if CI else pytest.skip(why)
+    key, certificate = make_certificate(tmp_path)
+    endpoint = (
+        f"ssl:port={{port}}:interface=127.0.0.1:privateKey={key}:certKey={certificate}"
+    )
+    server = daphne(endpoint=endpoint, SSE_INTERVAL="0.2")
+    assert "HTTP/2 support enabled" in server.log
+    context = browser.new_context(
+        ignore_https_errors=True
+    )  # our certificate is our own
+    try:
+        page = context.new_page()
+        page.set_default_timeout(15_000)
+        assert live_streams_of_eight(page, f"https://localhost:{server.port}/") == 8
+        assert page.evaluate("performance.getEntries()[0].nextHopProtocol") == "h2"
+    finally:
+        context.close()
 
 
 # 4. The benchmark: python test_app.py bench [STREAMS] ------------------------------
