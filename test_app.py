@@ -953,6 +953,78 @@ def test_browser_holds_eight_streams_over_http2(daphne, browser, tmp_path):
         context.close()
 
 
+def readme_nginx_config(ports):
+    """The README's nginx configuration, with only its three ports changed."""
+    readme = (HERE / "README.md").read_text()
+    config = re.search(r"```nginx\n(.*?)```", readme, re.DOTALL)[1]
+    for readme_port, port in zip(["8000", "8001", "8002"], ports, strict=True):
+        assert f"127.0.0.1:{readme_port};" in config
+        config = config.replace(f"127.0.0.1:{readme_port};", f"127.0.0.1:{port};")
+    return config
+
+
+def start_nginx(directory, config):
+    """nginx in the foreground, with its own prefix, pid file and temporary paths."""
+    nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
+    if not nginx:
+        why = "no nginx: apt-get install nginx"
+        pytest.fail(why) if CI else pytest.skip(why)
+    temporary = " ".join(
+        f"{kind}_temp_path {directory / kind};"
+        for kind in ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"]
+    )
+    (directory / "nginx.conf").write_text(
+        f"daemon off; master_process off; pid {directory / 'nginx.pid'};\n"
+        f"error_log {directory / 'error.log'};\n"
+        f"events {{}}\nhttp {{ access_log off; {temporary}\n{config}}}\n"
+    )
+    command = [nginx, "-p", str(directory), "-e", str(directory / "error.log")]
+    return subprocess.Popen([*command, "-c", str(directory / "nginx.conf")])
+
+
+def open_sockets(process):
+    fds = Path(f"/proc/{process.pid}/fd")
+    return sum(os.readlink(fd).startswith("socket:") for fd in fds.iterdir())
+
+
+def test_nginx_passes_events_at_once_and_fails_over_without_loss(
+    daphne, page, tmp_path
+):
+    backends = [daphne(SSE_INTERVAL="0.2"), daphne(SSE_INTERVAL="0.2")]
+    port = free_port()
+    config = readme_nginx_config([port, *(backend.port for backend in backends)])
+    nginx = start_nginx(tmp_path, config)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 10
+        while not (tmp_path / "nginx.pid").exists():
+            assert nginx.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+
+        arrivals = []
+        with (
+            httpx.Client(timeout=5) as http,
+            connect_sse(http, "GET", url + "/stream/") as source,
+        ):
+            for event in islice((e for e in source.iter_sse() if e.data), 7):
+                arrivals.append(time.monotonic())
+        gaps = [later - earlier for earlier, later in pairwise(arrivals[1:])]
+        assert all(0.1 < gap < 0.35 for gap in gaps), gaps  # one by one, not batched
+
+        page.goto(url)
+        page.click("#start")
+        wait_for_lines(page, 3)
+        serving = max(backends, key=lambda backend: open_sockets(backend.process))
+        serving.process.kill()  # as a crash would
+        serving.process.wait()
+        wait_for_id(page, shown_ids(page)[-1] + 5)  # back, through the other process
+        ids = shown_ids(page)
+        assert ids == list(range(len(ids))), ids  # no gap, no duplicate
+    finally:
+        nginx.terminate()
+        nginx.wait(10)
+
+
 # 4. The benchmark: python test_app.py bench [STREAMS] ------------------------------
 
 # The ceiling for Python: the same stream (shared clock, bytes, chunked HTTP/1.1) from
