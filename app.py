@@ -25,18 +25,14 @@ from django.urls import path
 from django.views.decorators.http import require_GET, require_safe
 
 SSE_INTERVAL = float(os.environ.get("SSE_INTERVAL", "1.0"))  # seconds between events
-SSE_MAX_AGE = float(
-    os.environ.get("SSE_MAX_AGE", "300")
-)  # seconds before a stream ends
+SSE_MAX_AGE = float(os.environ.get("SSE_MAX_AGE", "300"))  # seconds before a stream ends
 SSE_MAX_STREAMS = int(os.environ.get("SSE_MAX_STREAMS", "6000"))  # per process
 
 settings.configure(
     DEBUG=os.environ.get("DJANGO_DEBUG") == "1",
     # Django signs nothing here, so a fresh random key per start loses nothing.
     SECRET_KEY=os.environ.get("DJANGO_SECRET_KEY") or secrets.token_urlsafe(50),
-    ALLOWED_HOSTS=os.environ.get(
-        "DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]"
-    ).split(","),
+    ALLOWED_HOSTS=os.environ.get("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]").split(","),
     # Make this module the URLconf.
     ROOT_URLCONF=__name__,
     # Daphne first makes `python app.py runserver` serve ASGI, as Daphne does.
@@ -128,9 +124,7 @@ async def stream(request):
     request.get_host()  # No middleware checks ALLOWED_HOSTS, so do it here.
     if open_streams >= SSE_MAX_STREAMS:
         # EventSource gives up on a 503; the page retries it later by itself.
-        return HttpResponse(
-            "Too many streams", status=503, headers={"Retry-After": "5"}
-        )
+        return HttpResponse("Too many streams", status=503, headers={"Retry-After": "5"})
     # EventSource sends Last-Event-ID when it reconnects; the page passes the
     # last id in the query string when it opens a new EventSource.
     last_id = request.headers.get("Last-Event-ID") or request.GET.get("lastEventId", "")
@@ -165,10 +159,7 @@ def index(request):
     )
 
 
-urlpatterns = [
-    path("", index),
-    path("stream/", stream),
-]
+urlpatterns = [path("", index), path("stream/", stream)]
 
 application = get_asgi_application()
 

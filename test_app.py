@@ -14,6 +14,7 @@ import ipaddress
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -75,9 +76,7 @@ async def first_chunks(response, count):
 
 async def first_ids(count=1, **headers):
     # Header values travel as bytes; Django reads them as latin-1, as ASGI says.
-    headers = {
-        name: value.encode().decode("latin-1") for name, value in headers.items()
-    }
+    headers = {name: value.encode().decode("latin-1") for name, value in headers.items()}
     response = await client().get("/stream/", headers=headers)
     chunks = await first_chunks(response, count + 1)
     return [int(EVENT.fullmatch(chunk)[1]) for chunk in chunks[1:]]
@@ -424,13 +423,9 @@ async def open_streams(port, count, ramp=0.0):
     request = f"GET /stream/ HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
     listeners, started = [], time.monotonic()
     for index in range(count):
-        _, listener = await loop.create_connection(
-            lambda: Listener(request), "127.0.0.1", port
-        )
+        _, listener = await loop.create_connection(lambda: Listener(request), "127.0.0.1", port)
         listeners.append(listener)
-        await asyncio.sleep(
-            max(0, started + ramp * (index + 1) / count - time.monotonic())
-        )
+        await asyncio.sleep(max(0, started + ramp * (index + 1) / count - time.monotonic()))
     return listeners
 
 
@@ -483,12 +478,36 @@ def test_resume_across_a_server_restart(daphne):
     server = daphne(SSE_INTERVAL="0.1")
     last_id = read_events(server.url, 3)[-1].id
     server.restart()
-    assert [
-        event.id for event in read_events(server.url, 2, last_event_id=last_id)
-    ] == [
+    assert [event.id for event in read_events(server.url, 2, last_event_id=last_id)] == [
         str(int(last_id) + 1),
         str(int(last_id) + 2),
     ]
+
+
+def test_python_app_py_runserver_serves_through_daphne(tmp_path):
+    port = free_port()
+    with open(tmp_path / "runserver.log", "wb") as log:
+        runserver = subprocess.Popen(
+            [sys.executable, "app.py", "runserver", f"127.0.0.1:{port}"],
+            cwd=HERE,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # the autoreloader's child shares the group
+        )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                events = read_events(f"http://127.0.0.1:{port}", 2)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline and runserver.poll() is None
+                time.sleep(0.1)
+        assert [event.id for event in events] == ["0", "1"]
+        assert "Starting ASGI/Daphne" in (tmp_path / "runserver.log").read_text()
+    finally:
+        os.killpg(runserver.pid, signal.SIGTERM)
+        runserver.wait(10)
 
 
 def test_open_streams_hold_no_thread_and_leave_nothing_behind(daphne):
@@ -503,9 +522,7 @@ def test_open_streams_hold_no_thread_and_leave_nothing_behind(daphne):
     async def rounds():
         for round_number in range(1, 4):
             listeners = await open_streams(server.port, 500)
-            await until(
-                lambda got=listeners: all(len(s.arrivals) >= 3 for s in got), 30
-            )
+            await until(lambda got=listeners: all(len(s.arrivals) >= 3 for s in got), 30)
             assert {each.status for each in listeners} == {200}
             assert proc_status(pid, "Threads") <= baseline + 1
             for listener in listeners:
@@ -523,13 +540,9 @@ def test_max_age_ends_the_stream_and_last_event_id_goes_on(daphne):
     server = daphne(SSE_INTERVAL="0.05", SSE_MAX_AGE="0.3")
     with httpx.Client(timeout=5) as http:
         with connect_sse(http, "GET", server.url + "/stream/") as source:
-            first = [
-                event.id for event in source.iter_sse() if event.data
-            ]  # to its end
+            first = [event.id for event in source.iter_sse() if event.data]  # to its end
         headers = {"Last-Event-ID": first[-1]}
-        with connect_sse(
-            http, "GET", server.url + "/stream/", headers=headers
-        ) as source:
+        with connect_sse(http, "GET", server.url + "/stream/", headers=headers) as source:
             second = [event.id for event in source.iter_sse() if event.data]
     ids = [int(event_id) for event_id in first + second]
     assert len(first) >= 3 and ids == list(range(len(ids)))
@@ -587,9 +600,7 @@ class Reconnecting:
                 connect = asyncio.open_connection("127.0.0.1", self.port)
                 reader, writer = await asyncio.wait_for(connect, 5)
                 resume = f"Last-Event-ID: {self.ids[-1]}\r\n" if self.ids else ""
-                writer.write(
-                    f"GET /stream/ HTTP/1.1\r\nHost: 127.0.0.1\r\n{resume}\r\n".encode()
-                )
+                writer.write(f"GET /stream/ HTTP/1.1\r\nHost: 127.0.0.1\r\n{resume}\r\n".encode())
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
                 if head.split()[1] != b"200":
                     raise ConnectionError(head.split(b"\r\n")[0])
@@ -684,9 +695,7 @@ def test_hostile_requests_get_an_answer_below_500(server, method, target, header
         target,
         headers,
     )
-    assert (
-        answer_status(server.port, request.replace(b"\r\n\r\n\r\n", b"\r\n\r\n")) < 500
-    )
+    assert answer_status(server.port, request.replace(b"\r\n\r\n\r\n", b"\r\n\r\n")) < 500
 
 
 @pytest.mark.parametrize("host", [b"evil.example", b"127.0.0.1:1@evil.example", b""])
@@ -739,9 +748,7 @@ def browser():
             if not found:
                 why = "no Chromium: `playwright install chromium` or `apt-get install chromium`"
                 pytest.fail(why) if CI else pytest.skip(why)
-            chromium = playwright.chromium.launch(
-                executable_path=found, args=CHROMIUM_ARGS
-            )
+            chromium = playwright.chromium.launch(executable_path=found, args=CHROMIUM_ARGS)
         yield chromium
         chromium.close()
 
@@ -756,9 +763,7 @@ def page(browser):
     page.on("pageerror", lambda error: errors.append(str(error)))
     page.on(
         "console",
-        lambda message: (
-            "Content Security Policy" in message.text and errors.append(message.text)
-        ),
+        lambda message: "Content Security Policy" in message.text and errors.append(message.text),
     )
     yield page
     context.close()
@@ -766,16 +771,11 @@ def page(browser):
 
 
 def shown_ids(page):
-    return [
-        int(line.split()[-1])
-        for line in page.locator("#sse-data li").all_text_contents()
-    ]
+    return [int(line.split()[-1]) for line in page.locator("#sse-data li").all_text_contents()]
 
 
 def wait_for_lines(page, count):
-    page.wait_for_function(
-        "n => document.querySelectorAll('#sse-data li').length >= n", arg=count
-    )
+    page.wait_for_function("n => document.querySelectorAll('#sse-data li').length >= n", arg=count)
 
 
 def wait_for_id(page, event_id):
@@ -810,6 +810,9 @@ def test_browser_stop_closes_the_stream(server, page):
     shown = shown_ids(page)
     time.sleep(0.5)  # five intervals: any event still coming would be here
     assert shown_ids(page) == shown
+    page.click("#start")  # a new EventSource, and the count goes on
+    wait_for_id(page, shown[-1] + 2)
+    assert shown_ids(page) == list(range(shown[-1] + 3))
 
 
 def test_browser_resumes_across_a_server_restart_with_no_gap(daphne, page):
@@ -903,9 +906,7 @@ def make_certificate(directory):
             serialization.NoEncryption(),
         )
     )
-    (directory / "cert.pem").write_bytes(
-        certificate.public_bytes(serialization.Encoding.PEM)
-    )
+    (directory / "cert.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
     return directory / "key.pem", directory / "cert.pem"
 
 
@@ -936,14 +937,10 @@ def test_browser_holds_eight_streams_over_http2(daphne, browser, tmp_path):
         why = 'no HTTP/2 in Twisted: pip install "twisted[tls,http2]"'
         pytest.fail(why) if CI else pytest.skip(why)
     key, certificate = make_certificate(tmp_path)
-    endpoint = (
-        f"ssl:port={{port}}:interface=127.0.0.1:privateKey={key}:certKey={certificate}"
-    )
+    endpoint = f"ssl:port={{port}}:interface=127.0.0.1:privateKey={key}:certKey={certificate}"
     server = daphne(endpoint=endpoint, SSE_INTERVAL="0.2")
     assert "HTTP/2 support enabled" in server.log
-    context = browser.new_context(
-        ignore_https_errors=True
-    )  # our certificate is our own
+    context = browser.new_context(ignore_https_errors=True)  # our certificate is our own
     try:
         page = context.new_page()
         page.set_default_timeout(15_000)
@@ -987,9 +984,7 @@ def open_sockets(process):
     return sum(os.readlink(fd).startswith("socket:") for fd in fds.iterdir())
 
 
-def test_nginx_passes_events_at_once_and_fails_over_without_loss(
-    daphne, page, tmp_path
-):
+def test_nginx_passes_events_at_once_and_fails_over_without_loss(daphne, page, tmp_path):
     backends = [daphne(SSE_INTERVAL="0.2"), daphne(SSE_INTERVAL="0.2")]
     port = free_port()
     config = readme_nginx_config([port, *(backend.port for backend in backends)])
@@ -1147,9 +1142,7 @@ async def load(pid, port, streams, hold):
             listener.transport.close()
         await asyncio.sleep(4)
         rounds.append(proc_status(pid, "VmRSS") / 1024)
-    figures["RSS MB after rounds 1/2/3 of 1500"] = "/".join(
-        f"{mb:.0f}" for mb in rounds
-    )
+    figures["RSS MB after rounds 1/2/3 of 1500"] = "/".join(f"{mb:.0f}" for mb in rounds)
     figures["RSS round 3 / round 1"] = rounds[2] / rounds[0]
     return figures
 
@@ -1187,9 +1180,7 @@ def bench(streams=4000, hold=20.0):
         ),
     }
     errors = len(re.findall("ERROR|Traceback", (logs / "daphne.log").read_text()))
-    print(
-        f"\n{streams} streams, one event a second, held {hold:.0f} s; server on core 0"
-    )
+    print(f"\n{streams} streams, one event a second, held {hold:.0f} s; server on core 0")
     print(f"{'':38}{'app.py':>12}{'bare asyncio':>14}{'ratio':>8}")
     for name, ours in results["app.py"].items():
         ceiling = results["bare asyncio"][name]
