@@ -592,6 +592,7 @@ class Reconnecting:
         self.retry = 3.0  # the browser's default until the server says otherwise
         self.outages = []
         self.down_since = None
+        self.back_at = None
 
     async def run(self, stop_at):
         while time.monotonic() < stop_at:
@@ -616,6 +617,7 @@ class Reconnecting:
                         if self.down_since is not None:
                             self.outages.append(time.monotonic() - self.down_since)
                             self.down_since = None
+                            self.back_at = time.monotonic()
             except (TimeoutError, OSError, EOFError, ValueError):
                 pass
             finally:
@@ -636,8 +638,8 @@ def storm(server, clients, seconds):
         crowd = [Reconnecting(server.port) for _ in range(clients)]
         tasks = [asyncio.create_task(each.run(stop_at)) for each in crowd]
         await until(lambda: all(len(each.ids) >= 2 for each in crowd), 30)
-        await asyncio.to_thread(server.restart)
         restarted = time.monotonic()
+        await asyncio.to_thread(server.restart)
         await asyncio.gather(*tasks)
         return crowd, restarted
 
@@ -1190,5 +1192,38 @@ def bench(streams=4000, hold=20.0):
     print(f"logs: {logs}")
 
 
+def storm_report(clients=3000, seconds=40):
+    """A restart with `clients` browser-like clients streaming: how soon all are back."""
+    import resource
+    import tempfile
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (20_000, 20_000))
+    server = Daphne(
+        Path(tempfile.mkdtemp(prefix="sse-storm-")),
+        endpoint="tcp:port={port}:interface=127.0.0.1:backlog=4096",
+    ).start()
+    try:
+        crowd, restarted = storm(server, clients, seconds)
+    finally:
+        server.stop()
+    outages = sorted(max(each.outages) for each in crowd if each.outages)
+    back = sorted(each.back_at - restarted for each in crowd if each.back_at)
+    broken = sum(each.ids != list(range(len(each.ids))) for each in crowd)
+    print(f"\n{clients} clients, server restarted once they all streamed (SIGTERM, start)")
+    print(f"clients that saw the restart      {len(outages)}")
+    print(
+        f"never back                        {sum(each.down_since is not None for each in crowd)}"
+    )
+    print(
+        f"outage per client p50/p99/max (s) {outages[len(outages) // 2]:.2f} / "
+        f"{outages[int(len(outages) * 0.99)]:.2f} / {outages[-1]:.2f}"
+    )
+    print(f"all back, from the SIGTERM (s)    {back[-1]:.2f}")
+    print(f"clients with an id skipped or repeated  {broken}")
+    print(f"logs: {server.log_dir}")
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["bench"]:
     bench(int(sys.argv[2]) if len(sys.argv) > 2 else 4000)
+if __name__ == "__main__" and sys.argv[1:2] == ["storm"]:
+    storm_report(int(sys.argv[2]) if len(sys.argv) > 2 else 3000)
