@@ -1,10 +1,13 @@
 """What app.py promises, layer by layer.
 
 1. In-process: the protocol through Django's async test client, with no real waiting.
-2. A real `daphne app:application` on a free port, read with httpx-sse.
-3. A real browser: Chromium driven by Playwright, against that Daphne.
+2. A real `daphne app:application` on a free port, read with httpx-sse and raw sockets:
+   resume, restarts, overload, a reconnect storm, hostile requests.
+3. A real browser: Chromium driven by Playwright, against that Daphne, over HTTP/2 and
+   behind the README's nginx configuration too.
 
 Run: pytest
+Measure: python test_app.py bench [STREAMS]    python test_app.py storm [CLIENTS]
 """
 
 import asyncio
@@ -1022,7 +1025,7 @@ def test_nginx_passes_events_at_once_and_fails_over_without_loss(daphne, page, t
         nginx.wait(10)
 
 
-# 4. The benchmark: python test_app.py bench [STREAMS] ------------------------------
+# 4. Measurements, not tests: python test_app.py bench|storm ----------------------
 
 # The ceiling for Python: the same stream (shared clock, bytes, chunked HTTP/1.1) from
 # asyncio alone, with no framework and no server library.
