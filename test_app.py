@@ -1190,7 +1190,7 @@ def bench(streams=4000, hold=20.0):
     for name, ours in results["app.py"].items():
         ceiling = results["bare asyncio"][name]
         ratio = f"{ours / ceiling:.2f}" if not isinstance(ours, str) and ceiling else ""
-        print(f"{name:38}{figure(ours):>12}{figure(ceiling):>14}{ratio:>8}")
+        print(f"{name:38}{figure(ours):>12}{figure(ceiling):>14}{ratio:>8}".rstrip())
     print(f"{'errors logged by app.py':38}{errors:>12}")
     print(f"logs: {logs}")
 
