@@ -515,14 +515,16 @@ def test_python_app_py_runserver_serves_through_daphne(tmp_path):
 
 def test_open_streams_hold_no_thread_and_leave_nothing_behind(daphne):
     """Three rounds of 500 streams, each dropped at once: threads stay flat,
-    every stream ends on the server, and the count of open streams returns to 0
-    (with SSE_MAX_STREAMS at 500, a leaked stream would turn the next round to 503)."""
+    every stream ends on the server, the count of open streams returns to 0 (with
+    SSE_MAX_STREAMS at 500, a leaked stream would turn the next round to 503), and
+    memory does not climb round after round (500 leaked streams would add 12 MB)."""
     server = daphne(SSE_INTERVAL="0.2", SSE_MAX_STREAMS="500")
     pid = server.process.pid
     read_events(server.url, 1)  # Django is warm: its threads for a request are made
     baseline = proc_status(pid, "Threads")
 
     async def rounds():
+        memory = []
         for round_number in range(1, 4):
             listeners = await open_streams(server.port, 500)
             await until(lambda got=listeners: all(len(s.arrivals) >= 3 for s in got), 30)
@@ -535,6 +537,8 @@ def test_open_streams_hold_no_thread_and_leave_nothing_behind(daphne):
             )
             # Django closes each response in a short-lived thread; all of them go.
             await until(lambda: proc_status(pid, "Threads") <= baseline, 15)
+            memory.append(proc_status(pid, "VmRSS"))
+        assert memory[2] - memory[0] < 6 * 1024, memory  # kB
 
     run(rounds())
 
