@@ -16,11 +16,13 @@ import importlib.util
 import ipaddress
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice, pairwise
@@ -276,6 +278,19 @@ def free_port():
         return probe.getsockname()[1]
 
 
+def wait_until_listening(port, process, timeout=20, log=None):
+    """Until 127.0.0.1:port accepts a connection; fails if `process` exits first."""
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    output = log.read_text(errors="replace") if log and log.exists() else ""
+    raise AssertionError(f"nothing on port {port} (exit code {process.poll()}):\n{output}")
+
+
 class Daphne:
     """`daphne app:application` in a subprocess, its output in a file."""
 
@@ -300,15 +315,8 @@ class Daphne:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.log
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        raise TimeoutError(f"Daphne did not listen within {timeout} s:\n{self.log}")
+        wait_until_listening(self.port, self.process, timeout, log=self.log_path)
+        return self
 
     def stop(self, timeout=10):
         """SIGTERM, as a process manager sends it; the exit code.
@@ -498,14 +506,8 @@ def test_python_app_py_runserver_serves_through_daphne(tmp_path):
             start_new_session=True,  # the autoreloader's child shares the group
         )
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                events = read_events(f"http://127.0.0.1:{port}", 2)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline and runserver.poll() is None
-                time.sleep(0.1)
+        wait_until_listening(port, runserver, log=tmp_path / "runserver.log")
+        events = read_events(f"http://127.0.0.1:{port}", 2)
         assert [event.id for event in events] == ["0", "1"]
         assert "Starting ASGI/Daphne" in (tmp_path / "runserver.log").read_text()
     finally:
@@ -1000,11 +1002,7 @@ def test_nginx_passes_events_at_once_and_fails_over_without_loss(daphne, page, t
     nginx = start_nginx(tmp_path, config)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 10
-        while not (tmp_path / "nginx.pid").exists():
-            assert nginx.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
-
+        wait_until_listening(port, nginx, timeout=10, log=tmp_path / "error.log")
         arrivals = []
         with (
             httpx.Client(timeout=5) as http,
@@ -1082,6 +1080,7 @@ def measure(command, port, streams, hold, log_path):
             stderr=subprocess.STDOUT,
         )
     try:
+        wait_until_listening(port, server, timeout=30, log=log_path)
         return run(load(server.pid, port, streams, hold))
     finally:
         server.terminate()
@@ -1089,14 +1088,7 @@ def measure(command, port, streams, hold, log_path):
 
 
 async def load(pid, port, streams, hold):
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            warm = await open_streams(port, 1)
-            break
-        except OSError:
-            assert time.monotonic() < deadline, "server did not start"
-            await asyncio.sleep(0.1)
+    warm = await open_streams(port, 1)
     await until(lambda: len(warm[0].arrivals) >= 2, 10)
     warm[0].transport.close()
     await asyncio.sleep(1)
@@ -1166,10 +1158,6 @@ def figure(value):
 
 def bench(streams=4000, hold=20.0):
     """Daphne on core 0, this load on core 1; the same against the bare-asyncio ceiling."""
-    import resource
-    import tempfile
-
-    resource.setrlimit(resource.RLIMIT_NOFILE, (20_000, 20_000))
     os.sched_setaffinity(0, {1})
     logs = Path(tempfile.mkdtemp(prefix="sse-bench-"))
     app_port, bare_port = free_port(), free_port()
@@ -1203,10 +1191,6 @@ def bench(streams=4000, hold=20.0):
 
 def storm_report(clients=3000, seconds=40):
     """A restart with `clients` browser-like clients streaming: how soon all are back."""
-    import resource
-    import tempfile
-
-    resource.setrlimit(resource.RLIMIT_NOFILE, (20_000, 20_000))
     server = Daphne(
         Path(tempfile.mkdtemp(prefix="sse-storm-")),
         endpoint="tcp:port={port}:interface=127.0.0.1:backlog=4096",
@@ -1232,7 +1216,12 @@ def storm_report(clients=3000, seconds=40):
     print(f"logs: {server.log_dir}")
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["bench"]:
-    bench(int(sys.argv[2]) if len(sys.argv) > 2 else 4000)
-if __name__ == "__main__" and sys.argv[1:2] == ["storm"]:
-    storm_report(int(sys.argv[2]) if len(sys.argv) > 2 else 3000)
+if __name__ == "__main__":
+    command, *count = sys.argv[1:] or ["bench"]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (20_000, 20_000))  # a socket per stream
+    if command == "bench":
+        bench(int(count[0]) if count else 4000)
+    elif command == "storm":
+        storm_report(int(count[0]) if count else 3000)
+    else:
+        sys.exit("usage: python test_app.py bench [STREAMS] | storm [CLIENTS]")
