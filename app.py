@@ -13,12 +13,11 @@ import random
 import re
 import secrets
 import sys
+import weakref
 from pathlib import Path
 
 from django.conf import settings
 from django.core.asgi import get_asgi_application
-from django.core.signals import request_finished, request_started
-from django.db import close_old_connections, reset_queries
 from django.http import HttpResponse, StreamingHttpResponse
 from django.template.loader import render_to_string
 from django.urls import path
@@ -39,8 +38,9 @@ settings.configure(
     INSTALLED_APPS=["daphne"],
     # __name__, not "app": under `python app.py` this module is __main__.
     ASGI_APPLICATION=f"{__name__}.application",
-    # Django's middleware runs its hooks through sync_to_async, which keeps an
-    # OS thread for as long as the request lives: for a stream, its whole life.
+    # Each hook of Django's stock middleware is a hop to a thread and back, and
+    # three of them double the cost of starting a stream: the views set the few
+    # headers the page needs themselves.
     MIDDLEWARE=[],
     TEMPLATES=[
         {
@@ -61,18 +61,28 @@ settings.configure(
     },
 )
 
-# This app has no database. These receivers are synchronous, so each request
-# would run them in a thread of its own, held until the stream ends.
-request_started.disconnect(reset_queries)
-request_started.disconnect(close_old_connections)
-request_finished.disconnect(close_old_connections)
-
 logger = logging.getLogger(__name__)
 
 EMOJIS = "🚀 🐎 🌅 🦾 🍇".encode().split()  # bytes: Django sends them as they are
 LAST_EVENT_ID = re.compile(r"[0-9]{1,18}")  # ASCII only, and small enough to add 1
 open_streams = 0
 closed_streams = 0  # since the last full garbage collection
+
+
+def free_place():
+    global open_streams, closed_streams
+    open_streams -= 1
+    closed_streams += 1
+
+
+class Place:
+    """One of SSE_MAX_STREAMS, taken when made and freed exactly once: when its stream
+    ends, or when it is collected if the client left before the stream began."""
+
+    def __init__(self):
+        global open_streams
+        open_streams += 1
+        self.free = weakref.finalize(self, free_place)
 
 
 class Clock:
@@ -95,16 +105,15 @@ class Clock:
 clock = Clock()
 
 
-async def events(next_id):
+async def events(next_id, place):
     """Yield `retry:`, then one event per tick, until SSE_MAX_AGE has passed."""
-    global open_streams, closed_streams
+    global closed_streams
     if closed_streams > open_streams:
         # Closed streams leave reference cycles that only a full collection frees.
         # Once more have closed than are open, collect: memory stays flat, and the
         # pause, paid once per turnover of the open streams, is never per tick.
         closed_streams = 0
         gc.collect()
-    open_streams += 1
     loop = asyncio.get_running_loop()
     ends_at = loop.time() + SSE_MAX_AGE
     try:
@@ -123,8 +132,7 @@ async def events(next_id):
         logger.info("client went away before id %d", next_id)
         raise  # Django cancels us when the client goes; let it finish.
     finally:
-        open_streams -= 1
-        closed_streams += 1
+        place.free()
 
 
 @require_GET
@@ -138,7 +146,7 @@ async def stream(request):
     last_id = request.headers.get("Last-Event-ID") or request.GET.get("lastEventId", "")
     next_id = int(last_id) + 1 if LAST_EVENT_ID.fullmatch(last_id) else 0
     return StreamingHttpResponse(
-        events(next_id),
+        events(next_id, Place()),  # the place is taken before anything awaits
         content_type="text/event-stream",
         headers={
             "Cache-Control": "no-cache",  # Every event is new; never store one.
@@ -169,7 +177,20 @@ def index(request):
 
 urlpatterns = [path("", index), path("stream/", stream)]
 
-application = get_asgi_application()
+django_application = get_asgi_application()
+
+
+async def application(scope, receive, send):
+    """Django, with the stream served outside a per-request thread."""
+    if scope["type"] == "http" and scope["path"] == "/stream/":
+        # Django runs each request in a ThreadSensitiveContext of its own, where its sync
+        # code (signal receivers, response.close) gets a thread that lives as long as the
+        # request: for a stream, its whole life. Outside one, asgiref runs that code in a
+        # single thread shared by every stream.
+        await django_application.handle(scope, receive, send)
+    else:
+        await django_application(scope, receive, send)
+
 
 # Everything imported so far lives as long as the process: leave it out of
 # every garbage collection, which then only walks the objects of open streams.

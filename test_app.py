@@ -12,6 +12,7 @@ Measure: python test_app.py bench [STREAMS]    python test_app.py storm [CLIENTS
 
 import asyncio
 import datetime
+import gc
 import importlib.util
 import ipaddress
 import os
@@ -31,8 +32,12 @@ from pathlib import Path
 import httpx
 import pytest
 from asgiref.testing import ApplicationCommunicator
-from django.test import AsyncClient
+from django.core.handlers.asgi import ASGIHandler
+from django.core.signals import request_finished, request_started
+from django.db import close_old_connections, reset_queries
+from django.test import AsyncClient, override_settings
 from django.test.utils import setup_test_environment, teardown_test_environment
+from django.utils.decorators import async_only_middleware
 from httpx_sse import connect_sse
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -121,6 +126,21 @@ async def test_first_event_goes_out_at_once(monkeypatch):
             await first_ids(2)
     async with asyncio.timeout(0.5):  # ...the first does not.
         assert await first_ids(1) == [0]
+
+
+def is_connected(signal, receiver):
+    """Whether `receiver` is connected to `signal`: Django says so by disconnecting it."""
+    connected = signal.disconnect(receiver)
+    if connected:
+        signal.connect(receiver)
+    return connected
+
+
+def test_django_keeps_its_request_receivers():
+    """Closing stale database connections and resetting the query log run as shipped."""
+    assert is_connected(request_started, reset_queries)
+    assert is_connected(request_started, close_old_connections)
+    assert is_connected(request_finished, close_old_connections)
 
 
 GOOD_LAST_EVENT_IDS = {"0": 1, "41": 42, "007": 8, "9" * 18: 10**18}
@@ -218,7 +238,8 @@ async def test_client_going_away_cancels_the_stream_and_is_logged(fast, caplog):
     assert app.open_streams == 1
     await connection.send_input({"type": "http.disconnect"})
     await connection.wait(1)  # the application returns: nothing left running
-    assert app.open_streams == 0
+    gc.collect()
+    assert app.open_streams == 0  # freed once, by the stream's end, not again when collected
     assert re.search(r"client went away before id \d+", caplog.text)
 
 
@@ -235,27 +256,64 @@ async def test_stream_ends_cleanly_after_max_age(fast, monkeypatch, caplog):
     assert app.open_streams == 0
 
 
-@pytest.mark.anyio
-async def test_stream_past_max_streams_is_503_with_retry_after(fast, monkeypatch):
-    monkeypatch.setattr(app, "SSE_MAX_STREAMS", 2)
+@async_only_middleware
+def await_after_the_view(get_response):
+    """A middleware that awaits between the view and the response, as many do."""
 
-    async def connect():
-        connection = asgi_get("/stream/")
-        await connection.send_input({"type": "http.request"})
-        return connection, await connection.receive_output(1)
+    async def middleware(request):
+        response = await get_response(request)
+        await asyncio.sleep(0.05)
+        return response
 
-    (first, ok), (second, _) = await connect(), await connect()
-    assert ok["status"] == 200
-    _, refused = await connect()
-    assert refused["status"] == 503
-    assert int(dict(refused["headers"])[b"Retry-After"]) > 0
-    await first.send_input({"type": "http.disconnect"})
-    await first.wait(1)
-    fourth, ok = await connect()  # a closed stream frees its place
-    assert ok["status"] == 200
-    for connection in second, fourth:
+    return middleware
+
+
+@pytest.fixture
+def middleware_that_awaits(monkeypatch):
+    with override_settings(MIDDLEWARE=["test_app.await_after_the_view"]):
+        monkeypatch.setattr(app, "django_application", ASGIHandler())
+
+
+async def disconnect(*connections):
+    for connection in connections:
         await connection.send_input({"type": "http.disconnect"})
+    for connection in connections:
         await connection.wait(1)
+
+
+@pytest.mark.anyio
+async def test_cap_holds_for_requests_that_arrive_together(
+    fast, monkeypatch, middleware_that_awaits
+):
+    monkeypatch.setattr(app, "SSE_MAX_STREAMS", 5)
+    connections = [asgi_get("/stream/") for _ in range(60)]
+    for connection in connections:  # all sixty are in the view before any is answered
+        await connection.send_input({"type": "http.request"})
+    starts = [await connection.receive_output(2) for connection in connections]
+    statuses = [start["status"] for start in starts]
+    assert statuses.count(200) == 5 and statuses.count(503) == 55, statuses
+    refused = starts[statuses.index(503)]
+    assert int(dict(refused["headers"])[b"Retry-After"]) > 0
+    assert app.open_streams == 5
+    admitted = [c for c, status in zip(connections, statuses) if status == 200]
+    await disconnect(admitted[0])
+    again = asgi_get("/stream/")  # a closed stream frees its place
+    await again.send_input({"type": "http.request"})
+    assert (await again.receive_output(2))["status"] == 200
+    await disconnect(*admitted[1:], again)
+    gc.collect()
+    assert app.open_streams == 0  # each place freed, and only once
+
+
+@pytest.mark.anyio
+async def test_a_stream_that_never_began_frees_its_place(fast, middleware_that_awaits):
+    connection = asgi_get("/stream/")
+    await connection.send_input({"type": "http.request"})
+    async with asyncio.timeout(2):
+        while app.open_streams == 0:  # the view has taken a place; the middleware awaits
+            await asyncio.sleep(0.001)
+    await disconnect(connection)  # before the response, so the stream never begins
+    gc.collect()
     assert app.open_streams == 0
 
 
@@ -294,7 +352,15 @@ def wait_until_listening(port, process, timeout=20, log=None):
 class Daphne:
     """`daphne app:application` in a subprocess, its output in a file."""
 
-    def __init__(self, log_dir, endpoint="tcp:port={port}:interface=127.0.0.1", **env):
+    def __init__(
+        self,
+        log_dir,
+        endpoint="tcp:port={port}:interface=127.0.0.1",
+        application="app:application",
+        cwd=HERE,
+        **env,
+    ):
+        self.application, self.cwd = application, cwd
         self.port = free_port()
         self.endpoint = endpoint.format(port=self.port)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -309,8 +375,8 @@ class Daphne:
         self.log_path = self.log_dir / f"daphne-{self.port}-{self.starts}.log"
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                [DAPHNE, "-e", self.endpoint, "app:application"],
-                cwd=HERE,
+                [DAPHNE, "-e", self.endpoint, self.application],
+                cwd=self.cwd,
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -354,8 +420,8 @@ def daphne(tmp_path):
     """Starts Daphne processes for one test, and stops each by its pid."""
     servers = []
 
-    def start(**env):
-        servers.append(Daphne(tmp_path, **env))
+    def start(**options):
+        servers.append(Daphne(tmp_path, **options))
         return servers[-1].start()
 
     yield start
@@ -428,10 +494,10 @@ class Listener(asyncio.Protocol):
         self.ended = True
 
 
-async def open_streams(port, count, ramp=0.0):
+async def open_streams(port, count, ramp=0.0, headers=""):
     """`count` streams to 127.0.0.1:port, opened evenly over `ramp` seconds."""
     loop = asyncio.get_running_loop()
-    request = f"GET /stream/ HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+    request = f"GET /stream/ HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{headers}\r\n".encode()
     listeners, started = [], time.monotonic()
     for index in range(count):
         _, listener = await loop.create_connection(lambda: Listener(request), "127.0.0.1", port)
@@ -516,30 +582,31 @@ def test_python_app_py_runserver_serves_through_daphne(tmp_path):
 
 
 def test_open_streams_hold_no_thread_and_leave_nothing_behind(daphne):
-    """Three rounds of 500 streams, each dropped at once: threads stay flat,
-    every stream ends on the server, the count of open streams returns to 0 (with
-    SSE_MAX_STREAMS at 500, a leaked stream would turn the next round to 503), and
-    memory does not climb round after round (500 leaked streams would add 12 MB)."""
+    """Three rounds of 500 streams, each dropped at once: no thread opens, holds or
+    closes a stream, every stream ends on the server, the count of open streams returns
+    to 0 (with SSE_MAX_STREAMS at 500, a leaked stream would turn the next round to
+    503), and memory does not climb round after round (500 leaked streams: +12 MB)."""
     server = daphne(SSE_INTERVAL="0.2", SSE_MAX_STREAMS="500")
     pid = server.process.pid
     read_events(server.url, 1)  # Django is warm: its threads for a request are made
     baseline = proc_status(pid, "Threads")
 
     async def rounds():
-        memory = []
+        memory, peak = [], baseline
         for round_number in range(1, 4):
             listeners = await open_streams(server.port, 500)
             await until(lambda got=listeners: all(len(s.arrivals) >= 3 for s in got), 30)
             assert {each.status for each in listeners} == {200}
-            assert proc_status(pid, "Threads") <= baseline + 1
+            peak = max(peak, proc_status(pid, "Threads"))
             for listener in listeners:
                 listener.transport.close()
-            await asyncio.to_thread(
-                server.wait_for_log, "client went away", 500 * round_number, 15
-            )
-            # Django closes each response in a short-lived thread; all of them go.
-            await until(lambda: proc_status(pid, "Threads") <= baseline, 15)
+            deadline = time.monotonic() + 15
+            while len(re.findall("client went away", server.log)) < 500 * round_number:
+                assert time.monotonic() < deadline, "not every stream ended"
+                peak = max(peak, proc_status(pid, "Threads"))  # no thread to close one
+                await asyncio.sleep(0.05)
             memory.append(proc_status(pid, "VmRSS"))
+        assert peak <= baseline, (baseline, peak)
         assert memory[2] - memory[0] < 6 * 1024, memory  # kB
 
     run(rounds())
@@ -602,6 +669,12 @@ class Reconnecting:
         self.outages = []
         self.down_since = None
         self.back_at = None
+        self.writer = None
+
+    def hang_up(self):
+        """Drop the connection at once, as a restarting proxy does; then reconnect."""
+        if self.writer:
+            self.writer.transport.abort()
 
     async def run(self, stop_at):
         while time.monotonic() < stop_at:
@@ -609,6 +682,7 @@ class Reconnecting:
             try:
                 connect = asyncio.open_connection("127.0.0.1", self.port)
                 reader, writer = await asyncio.wait_for(connect, 5)
+                self.writer = writer
                 resume = f"Last-Event-ID: {self.ids[-1]}\r\n" if self.ids else ""
                 writer.write(f"GET /stream/ HTTP/1.1\r\nHost: 127.0.0.1\r\n{resume}\r\n".encode())
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
@@ -1027,12 +1101,174 @@ def test_nginx_passes_events_at_once_and_fails_over_without_loss(daphne, page, t
         nginx.wait(10)
 
 
-# 4. Measurements, not tests: python test_app.py bench|storm ----------------------
+# 4. Your own project: the README's chapter applied to `django-admin startproject` ---------
 
-# The ceiling for Python: the same stream (shared clock, bytes, chunked HTTP/1.1) from
-# asyncio alone, with no framework and no server library.
+PASSWORD = "a password for this test only"
+
+
+def readme_project_files():
+    """The README's files for your own project: (path, how, code) in its order."""
+    readme = (HERE / "README.md").read_text()
+    pattern = r"^`([\w/.]+)`, (the whole file|at the end):\n\n```python\n(.*?)```"
+    return re.findall(pattern, readme, re.MULTILINE | re.DOTALL)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """`django-admin startproject mysite`, then the README's steps as written."""
+    root = tmp_path_factory.mktemp("project")
+
+    def manage(*args, **env):
+        command = [sys.executable, "manage.py", *args]
+        subprocess.run(command, cwd=root, env={**os.environ, **env}, check=True, timeout=60)
+
+    subprocess.run(
+        [sys.executable, "-m", "django", "startproject", "mysite", str(root)],
+        check=True,
+        timeout=60,
+    )
+    manage("startapp", "live")
+    files = readme_project_files()
+    assert [path for path, _, _ in files] == [
+        "mysite/settings.py",
+        "mysite/asgi.py",
+        "live/views.py",
+        "mysite/urls.py",
+    ]
+    for path, how, code in files:
+        target = root / path
+        target.write_text(target.read_text() + "\n" + code if how == "at the end" else code)
+    manage("migrate", "-v", "0")
+    manage(
+        "createsuperuser",
+        "--noinput",
+        "--username=admin",
+        "--email=admin@example.com",
+        DJANGO_SUPERUSER_PASSWORD=PASSWORD,
+    )
+    return root
+
+
+@pytest.fixture(scope="module")
+def project_server(project, tmp_path_factory):
+    server = Daphne(
+        tmp_path_factory.mktemp("project-daphne"),
+        application="mysite.asgi:application",
+        cwd=project,
+    )
+    yield server.start()
+    server.stop()
+    assert "Traceback" not in server.served, server.served
+
+
+def session_cookie(url):
+    """Logs in through Django's admin, as a person would; the session cookie."""
+    with httpx.Client(base_url=url, timeout=10) as http:
+        form = http.get("/admin/login/")
+        token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', form.text)[1]
+        fields = {"username": "admin", "password": PASSWORD, "csrfmiddlewaretoken": token}
+        assert http.post("/admin/login/?next=/admin/", data=fields).status_code == 302
+        return f"sessionid={http.cookies['sessionid']}"
+
+
+def status_of(url, **headers):
+    """The status of a GET, without reading a body that may never end."""
+    with httpx.stream("GET", url, headers=headers, timeout=5) as response:
+        return response.status_code
+
+
+def test_your_project_refuses_an_anonymous_stream_with_403(project_server):
+    assert status_of(project_server.url + "/stream/") == 403
+
+
+READ_THREE_EVENTS = """() => new Promise((resolve, reject) => {
+    const events = [], source = new EventSource("/stream/");
+    source.onmessage = (event) => {
+        events.push([event.lastEventId, event.data]);
+        if (events.length === 3) { source.close(); resolve(events); }
+    };
+    source.onerror = () => { source.close(); reject(new Error("the stream failed")); };
+})"""
+
+
+def test_your_project_streams_to_a_logged_in_browser(project_server, page):
+    page.goto(project_server.url + "/admin/login/")
+    page.fill("#id_username", "admin")
+    page.fill("#id_password", PASSWORD)
+    page.click("input[type=submit]")
+    page.wait_for_url("**/admin/")
+    events = page.evaluate(READ_THREE_EVENTS)  # the session cookie goes with it
+    assert events == [["0", "admin 0"], ["1", "admin 1"], ["2", "admin 2"]]
+
+
+def test_your_project_holds_300_streams_without_a_thread_each(project_server):
+    cookie = f"Cookie: {session_cookie(project_server.url)}\r\n"
+    pid = project_server.process.pid
+
+    async def hold_then_drop():
+        warm = await open_streams(project_server.port, 1, headers=cookie)
+        await until(lambda: len(warm[0].arrivals) >= 2, 10)
+        warm[0].transport.close()
+        baseline = proc_status(pid, "Threads")
+        listeners = await open_streams(project_server.port, 300, ramp=1, headers=cookie)
+        peak = baseline
+        while not all(len(each.arrivals) >= 3 for each in listeners):
+            peak = max(peak, proc_status(pid, "Threads"))
+            await asyncio.sleep(0.05)
+        assert {each.status for each in listeners} == {200}
+        for listener in listeners:
+            listener.transport.close()
+        for _ in range(40):  # two seconds, sampled as the streams end
+            peak = max(peak, proc_status(pid, "Threads"))
+            await asyncio.sleep(0.05)
+        return baseline, peak
+
+    baseline, peak = run(hold_then_drop())
+    assert peak <= baseline + 1, (baseline, peak)
+
+
+def statuses_of_requests_sent_together(port, count, headers=""):
+    """Opens `count` connections, then sends a stream request down each at once; the
+    statuses, read while every connection is still open, then all hung up."""
+    request = f"GET /stream/ HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}\r\n".encode()
+    connections = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(count)]
+    try:
+        for connection in connections:
+            connection.sendall(request)
+        return [int(connection.recv(64).split()[1]) for connection in connections]
+    finally:
+        for connection in connections:
+            connection.close()
+        time.sleep(0.5)  # for the server to see them go
+
+
+def test_your_project_cap_holds_for_requests_that_arrive_together(project, tmp_path):
+    (project / "mysite" / "settings_cap_5.py").write_text(
+        "from .settings import *\n\nSSE_MAX_STREAMS = 5\n"
+    )
+    server = Daphne(
+        tmp_path,
+        application="mysite.asgi:application",
+        cwd=project,
+        DJANGO_SETTINGS_MODULE="mysite.settings_cap_5",
+    ).start()
+    cookie = f"Cookie: {session_cookie(server.url)}\r\n"
+    try:
+        statuses = statuses_of_requests_sent_together(server.port, 60, cookie)
+        again = statuses_of_requests_sent_together(server.port, 5, cookie)  # all freed
+    finally:
+        server.stop()
+    assert statuses.count(200) == 5 and statuses.count(503) == 55, statuses
+    assert again == [200] * 5
+    assert "Traceback" not in server.served, server.served
+
+
+# 5. Measurements, not tests: python test_app.py bench|storm ----------------------
+
+# The ceiling for Python: the same stream (shared clock, bytes, chunked HTTP/1.1, retry,
+# resume) from asyncio alone, with no framework and no server library.
 BARE_ASYNCIO_SERVER = """
-import asyncio, random, sys
+import asyncio, random, re, sys
 
 async def main(port):
     tick = asyncio.Event()
@@ -1045,10 +1281,13 @@ async def main(port):
             struck.set()
 
     async def stream(reader, writer):
-        await reader.readuntil(b"\\r\\n\\r\\n")
+        head = await reader.readuntil(b"\\r\\n\\r\\n")
         writer.write(b"HTTP/1.1 200 OK\\r\\nContent-Type: text/event-stream\\r\\n"
                      b"Cache-Control: no-cache\\r\\nTransfer-Encoding: chunked\\r\\n\\r\\n")
-        next_id = 0
+        resume = re.search(rb"(?im)^last-event-id: *([0-9]{1,18})\\r$", head)
+        next_id = int(resume[1]) + 1 if resume else 0
+        retry = b"retry: %d\\n\\n" % random.randint(1000, 3000)
+        writer.write(b"%x\\r\\n%b\\r\\n" % (len(retry), retry))
         try:
             while True:
                 event = b"id: %d\\ndata: %b %d\\n\\n" % (next_id, random.choice(EMOJIS), next_id)
@@ -1118,24 +1357,19 @@ async def load(pid, port, streams, hold):
     figures["gap max (s)"] = gaps[-1]
     figures["late gaps > 1.25 s (%)"] = 100 * sum(g > 1.25 for g in gaps) / len(gaps)
 
-    dropped_at = time.monotonic()
     for listener in listeners:
         listener.transport.close()
-    peak, back_at = threads, None
-    while time.monotonic() - dropped_at < 15:
-        now = proc_status(pid, "Threads")
-        peak = max(peak, now)
-        if now <= threads and back_at is None and time.monotonic() - dropped_at > 1:
-            back_at = time.monotonic() - dropped_at
-            break
-        await asyncio.sleep(0.1)
+    peak = threads
+    for _ in range(60):  # three seconds, sampled as the streams end
+        peak = max(peak, proc_status(pid, "Threads"))
+        await asyncio.sleep(0.05)
     figures["threads, peak after mass drop"] = peak
-    figures["s back to idle threads"] = back_at if back_at is not None else float("nan")
     asked = time.monotonic()
     fresh = await open_streams(port, 1)
     await until(lambda: fresh[0].arrivals, 10, step=0.001)
     figures["ms to first event after drop"] = (fresh[0].arrivals[0] - asked) * 1000
     fresh[0].transport.close()
+    figures.update(await proxy_restart(pid, port, streams))
 
     rounds = []
     for _ in range(3):
@@ -1147,6 +1381,39 @@ async def load(pid, port, streams, hold):
         rounds.append(proc_status(pid, "VmRSS") / 1024)
     figures["RSS MB after rounds 1/2/3 of 1500"] = "/".join(f"{mb:.0f}" for mb in rounds)
     figures["RSS round 3 / round 1"] = rounds[2] / rounds[0]
+    return figures
+
+
+async def proxy_restart(pid, port, clients):
+    """Browser-like clients all hang up at once and come back after their `retry:`."""
+    crowd = [Reconnecting(port) for _ in range(clients)]
+    stop_at = time.monotonic() + 90
+
+    async def join(each, delay):
+        await asyncio.sleep(delay)
+        await each.run(stop_at)
+
+    ramp = max(5, clients / 800)
+    tasks = [asyncio.create_task(join(c, ramp * i / clients)) for i, c in enumerate(crowd)]
+    figures = {}
+    try:
+        await until(lambda: all(len(each.ids) >= 2 for each in crowd), ramp + 30)
+        dropped_at, peak = time.monotonic(), 0
+        for each in crowd:
+            each.hang_up()
+        while not all(each.back_at and each.back_at > dropped_at for each in crowd):
+            assert time.monotonic() < dropped_at + 30, "clients left behind"
+            peak = max(peak, proc_status(pid, "Threads"))
+            await asyncio.sleep(0.05)
+        figures["proxy restart: s until all back"] = max(c.back_at for c in crowd) - dropped_at
+        figures["proxy restart: threads, peak"] = peak
+        figures["proxy restart: ids skipped/repeated"] = sum(
+            each.ids != list(range(len(each.ids))) for each in crowd
+        )
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
     return figures
 
 
