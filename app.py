@@ -34,7 +34,7 @@ settings.configure(
     ALLOWED_HOSTS=os.environ.get("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]").split(","),
     # Make this module the URLconf.
     ROOT_URLCONF=__name__,
-    # Daphne first makes `python app.py runserver` serve ASGI, as Daphne does.
+    # With daphne installed as an app, `python app.py runserver` serves ASGI through it.
     INSTALLED_APPS=["daphne"],
     # __name__, not "app": under `python app.py` this module is __main__.
     ASGI_APPLICATION=f"{__name__}.application",
@@ -51,12 +51,29 @@ settings.configure(
     LOGGING={
         "version": 1,
         "disable_existing_loggers": False,
+        # A handler of our own: only Daphne configures the root logger, so under
+        # runserver, uvicorn, hypercorn or granian our lines would go nowhere.
+        "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain"}},
+        "filters": {
+            # A refused stream is expected under load, and the server's access log
+            # counts them: an ERROR line each would page someone. A 500 still logs.
+            "not_refused": {
+                "()": "django.utils.log.CallbackFilter",
+                "callback": lambda record: getattr(record, "status_code", None) != 503,
+            }
+        },
         "loggers": {
             # A foreign Host or a flood of query fields is the client's fault: it
-            # gets a 400, Daphne's access log shows it, and a traceback per bad
-            # request would only bury the log.
+            # gets a 400, the access log shows it, and a traceback per bad request
+            # would only bury the log.
             "django.security": {"level": "CRITICAL"},
-            __name__: {"level": "INFO"},  # one line per stream that ends
+            "django.request": {
+                "handlers": ["stderr"],
+                "filters": ["not_refused"],
+                "propagate": False,
+            },
+            __name__: {"level": "INFO", "handlers": ["stderr"], "propagate": False},
         },
     },
 )
@@ -85,24 +102,17 @@ class Place:
         self.free = weakref.finalize(self, free_place)
 
 
-class Clock:
-    """Wakes every open stream from one timer, not one timer per stream."""
-
-    def __init__(self):
-        self.tick = None
-
-    async def next_tick(self):
-        if self.tick is None:
-            self.tick = asyncio.Event()
-            asyncio.get_running_loop().call_later(SSE_INTERVAL, self.strike)
-        await self.tick.wait()
-
-    def strike(self):
-        tick, self.tick = self.tick, None
-        tick.set()
+ticks = weakref.WeakKeyDictionary()  # event loop: the asyncio.Event of its next tick
 
 
-clock = Clock()
+async def next_tick():
+    """Wakes every open stream from one timer, not one timer per stream. An event
+    belongs to one event loop, and a server may run several: one each."""
+    loop = asyncio.get_running_loop()
+    if (tick := ticks.get(loop)) is None:
+        tick = ticks[loop] = asyncio.Event()
+        loop.call_later(SSE_INTERVAL, lambda: ticks.pop(loop).set())
+    await tick.wait()
 
 
 async def events(next_id, place):
@@ -115,7 +125,9 @@ async def events(next_id, place):
         closed_streams = 0
         gc.collect()
     loop = asyncio.get_running_loop()
-    ends_at = loop.time() + SSE_MAX_AGE
+    # Ends at random, so that streams which began together do not all end, and come
+    # back, together again, every SSE_MAX_AGE.
+    ends_at = loop.time() + SSE_MAX_AGE * random.uniform(0.5, 1)
     try:
         # Jitter spreads the reconnects of many browsers after a restart.
         yield b"retry: %d\n\n" % random.randint(1000, 3000)
@@ -127,10 +139,14 @@ async def events(next_id, place):
                 # a fresher process, and a dead client costs no more than this.
                 logger.info("stream reached SSE_MAX_AGE before id %d", next_id)
                 return
-            await clock.next_tick()
+            await next_tick()
     except (asyncio.CancelledError, GeneratorExit):
         logger.info("client went away before id %d", next_id)
         raise  # Django cancels us when the client goes; let it finish.
+    except Exception:
+        # Once streaming, an error can no longer become a 500, and Daphne would
+        # leave the client hanging: end the stream, and the browser resumes.
+        logger.exception("stream failed before id %d", next_id)
     finally:
         place.free()
 
@@ -161,7 +177,7 @@ def index(request):
     nonce = secrets.token_urlsafe(16)  # Only the page's own script may run.
     csp = (
         f"default-src 'self'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}';"
-        " base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+        " img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
     )
     page = render_to_string("sse.html", {"nonce": nonce}, request)
     return HttpResponse(
