@@ -273,6 +273,13 @@ async def test_page_runs_only_its_own_script_and_refuses_framing():
 
 
 @pytest.mark.anyio
+async def test_page_names_its_own_icon_so_browsers_ask_for_no_favicon():
+    page = await client().get("/")
+    assert '<link rel="icon" href="data:,">' in page.text  # no /favicon.ico, no 404 logged
+    assert "img-src data:" in page["Content-Security-Policy"]
+
+
+@pytest.mark.anyio
 async def test_client_going_away_cancels_the_stream_and_is_logged(fast, app_log):
     connection = asgi_get("/stream/")
     await connection.send_input({"type": "http.request"})
@@ -767,12 +774,16 @@ class FailingOnEveryThirdEvent(list):
             raise RuntimeError("the reader's code failed")
         return super().__getitem__(index)
 
+def failing_template(*args, **kwargs):
+    raise RuntimeError("the page failed")
+
 app.EMOJIS = FailingOnEveryThirdEvent(app.EMOJIS)
+app.render_to_string = failing_template
 application = app.application
 """
 
 
-def test_a_stream_that_fails_ends_cleanly_and_the_next_failure_is_logged_too(tmp_path):
+def test_failures_are_logged_and_a_stream_that_fails_ends_cleanly(tmp_path):
     (tmp_path / "failing_app.py").write_text(FAILING_APP)
     server = Daphne(
         tmp_path, application="failing_app:application", cwd=tmp_path, PYTHONPATH=str(HERE)
@@ -786,6 +797,8 @@ def test_a_stream_that_fails_ends_cleanly_and_the_next_failure_is_logged_too(tmp
                 ids = [event.id for event in source.iter_sse() if event.data]  # to its end
             assert ids == ["0", "1"]
             server.wait_for_log("stream failed before id 2", count=failures, timeout=5)
+        assert httpx.get(server.url + "/", timeout=5).status_code == 500
+        server.wait_for_log("ERROR django.request Internal Server Error: /", timeout=5)
     finally:
         server.stop()
     assert server.served.count("RuntimeError: the reader's code failed") == 2
@@ -1051,6 +1064,9 @@ def test_browser_start_shows_events_live(server, page):
     assert page.locator("#start").is_disabled()
     assert shown_ids(page)[:3] == [0, 1, 2]
     assert re.fullmatch(r"\S+ 0", page.locator("#sse-data li").first.text_content())
+    # A screen reader hears the state change, not a new line every second.
+    assert page.locator("#state").get_attribute("role") == "status"
+    assert page.locator("[aria-live]").count() == 0
 
 
 def test_browser_stop_closes_the_stream(server, page):
