@@ -1,12 +1,13 @@
-"""What app.py promises, layer by layer.
+"""What app.py promises, layer by layer, and the README's chapters, applied as written.
 
 1. In-process: the protocol through Django's async test client, with no real waiting.
 2. A real `daphne app:application` on a free port, read with httpx-sse and raw sockets:
-   resume, restarts, overload, a reconnect storm, hostile requests.
+   resume, restarts, overload, failures, a reconnect storm, hostile requests.
 3. A real browser: Chromium driven by Playwright, against that Daphne, over HTTP/2 and
    behind the README's nginx configuration too.
+4. Your own project: `django-admin startproject`, the README's files added as they are.
 
-Run: pytest
+Run: pytest            one layer: pytest -m in_process|real_server|browser|own_project
 Measure: python test_app.py bench [STREAMS]    python test_app.py storm [CLIENTS]
 """
 
@@ -105,6 +106,7 @@ async def first_ids(count=1, **headers):
     return [int(EVENT.fullmatch(chunk)[1]) for chunk in chunks[1:]]
 
 
+@pytest.mark.in_process
 @pytest.mark.anyio
 async def test_stream_is_an_uncached_unbuffered_event_stream(fast):
     response = await client().get("/stream/", headers={"accept-encoding": "gzip, br"})
@@ -117,6 +119,7 @@ async def test_stream_is_an_uncached_unbuffered_event_stream(fast):
     assert not response.has_header("Content-Encoding")
 
 
+@pytest.mark.in_process
 @pytest.mark.anyio
 async def test_stream_sends_retry_once_then_numbered_events(fast):
     response = await client().get("/stream/")
@@ -130,6 +133,7 @@ async def test_stream_sends_retry_once_then_numbered_events(fast):
     assert {m[2].decode() for m in parsed} <= set("🚀🐎🌅🦾🍇")
 
 
+@pytest.mark.in_process
 @pytest.mark.anyio
 async def test_retry_is_random_so_a_crowd_does_not_come_back_at_once(fast):
     retries = set()
@@ -139,6 +143,7 @@ async def test_retry_is_random_so_a_crowd_does_not_come_back_at_once(fast):
     assert len(retries) >= 5, retries
 
 
+@pytest.mark.in_process
 @pytest.mark.anyio
 async def test_first_event_goes_out_at_once(monkeypatch):
     monkeypatch.setattr(app, "SSE_INTERVAL", 60)
@@ -157,6 +162,7 @@ def is_connected(signal, receiver):
     return connected
 
 
+@pytest.mark.in_process
 def test_django_keeps_its_request_receivers():
     """Closing stale database connections and resetting the query log run as shipped."""
     assert is_connected(request_started, reset_queries)
@@ -164,6 +170,7 @@ def test_django_keeps_its_request_receivers():
     assert is_connected(request_finished, close_old_connections)
 
 
+@pytest.mark.in_process
 def test_one_clock_serves_several_event_loops_at_once(fast):
     """As under WSGI, where each request runs an event loop of its own."""
 
@@ -194,12 +201,14 @@ BAD_LAST_EVENT_IDS = [
 ]
 
 
+@pytest.mark.in_process
 @pytest.mark.anyio
 @pytest.mark.parametrize("value, next_id", GOOD_LAST_EVENT_IDS.items())
 async def test_last_event_id_of_ascii_digits_resumes_after_it(fast, value, next_id):
     assert await first_ids(2, last_event_id=value) == [next_id, next_id + 1]
 
 
+@pytest.mark.in_process
 @pytest.mark.anyio
 @pytest.mark.parametrize("value", BAD_LAST_EVENT_IDS)
 async def test_any_other_last_event_id_starts_fresh(fast, value):
@@ -212,12 +221,14 @@ async def first_ids_from_query(value):
     return [int(EVENT.fullmatch(chunk)[1]) for chunk in (await first_chunks(response, 2))[1:]]
 
 
+@pytest.mark.in_process
 @pytest.mark.anyio
 @pytest.mark.parametrize("value", BAD_LAST_EVENT_IDS)
 async def test_any_other_last_event_id_in_the_query_starts_fresh(fast, value):
     assert await first_ids_from_query(value) == [0]
 
 
+@pytest.mark.in_process
 @pytest.mark.anyio
 async def test_query_string_resumes_a_new_eventsource_but_the_header_wins(fast):
     response = await client().get("/stream/", {"lastEventId": "41"})
@@ -228,6 +239,7 @@ async def test_query_string_resumes_a_new_eventsource_but_the_header_wins(fast):
     assert EVENT.fullmatch((await first_chunks(response, 2))[1])[1] == b"8"
 
 
+@pytest.mark.in_process
 @pytest.mark.anyio
 @pytest.mark.parametrize("method", ["post", "put", "patch", "delete", "head"])
 async def test_stream_answers_other_methods_with_405(method):
@@ -243,11 +255,13 @@ def asgi_get(path, host=b"localhost"):
     return ApplicationCommunicator(app.application, scope)
 
 
+@pytest.mark.in_process
 @pytest.mark.anyio
 async def test_unknown_path_is_404():
     assert (await client().get("/nope/")).status_code == 404
 
 
+@pytest.mark.in_process
 @pytest.mark.anyio
 @pytest.mark.parametrize("path", ["/", "/stream/"])
 async def test_host_outside_allowed_hosts_is_400(path):
@@ -256,6 +270,7 @@ async def test_host_outside_allowed_hosts_is_400(path):
     assert (await connection.receive_output(1))["status"] == 400
 
 
+@pytest.mark.in_process
 @pytest.mark.anyio
 async def test_page_runs_only_its_own_script_and_refuses_framing():
     first, second = await client().get("/"), await client().get("/")
@@ -272,6 +287,7 @@ async def test_page_runs_only_its_own_script_and_refuses_framing():
     assert first["Referrer-Policy"] == "same-origin"
 
 
+@pytest.mark.in_process
 @pytest.mark.anyio
 async def test_page_names_its_own_icon_so_browsers_ask_for_no_favicon():
     page = await client().get("/")
@@ -279,6 +295,7 @@ async def test_page_names_its_own_icon_so_browsers_ask_for_no_favicon():
     assert "img-src data:" in page["Content-Security-Policy"]
 
 
+@pytest.mark.in_process
 @pytest.mark.anyio
 async def test_client_going_away_cancels_the_stream_and_is_logged(fast, app_log):
     connection = asgi_get("/stream/")
@@ -294,6 +311,7 @@ async def test_client_going_away_cancels_the_stream_and_is_logged(fast, app_log)
     assert re.search(r"client went away before id \d+", app_log.text)
 
 
+@pytest.mark.in_process
 @pytest.mark.anyio
 async def test_stream_ends_cleanly_after_max_age(fast, monkeypatch, app_log):
     monkeypatch.setattr(app, "SSE_MAX_AGE", 0.1)  # ten ticks of 10 ms
@@ -306,6 +324,7 @@ async def test_stream_ends_cleanly_after_max_age(fast, monkeypatch, app_log):
     assert app.open_streams == 0
 
 
+@pytest.mark.in_process
 @pytest.mark.anyio
 async def test_streams_that_began_together_end_apart(fast, monkeypatch):
     """Else a crowd that came back together would end, and come back, together forever."""
@@ -345,6 +364,7 @@ async def disconnect(*connections):
         await connection.wait(1)
 
 
+@pytest.mark.in_process
 @pytest.mark.anyio
 async def test_cap_holds_for_requests_that_arrive_together(
     fast, monkeypatch, middleware_that_awaits
@@ -369,6 +389,7 @@ async def test_cap_holds_for_requests_that_arrive_together(
     assert app.open_streams == 0  # each place freed, and only once
 
 
+@pytest.mark.in_process
 @pytest.mark.anyio
 async def test_a_refused_stream_is_not_logged_as_an_error_but_a_failure_is(monkeypatch, app_log):
     monkeypatch.setattr(app, "SSE_MAX_STREAMS", 0)
@@ -384,6 +405,7 @@ async def test_a_refused_stream_is_not_logged_as_an_error_but_a_failure_is(monke
     assert [record.name for record in errors] == ["django.request"]
 
 
+@pytest.mark.in_process
 @pytest.mark.anyio
 async def test_a_stream_that_never_began_frees_its_place(fast, middleware_that_awaits):
     connection = asgi_get("/stream/")
@@ -403,6 +425,7 @@ ANY_LAST_EVENT_ID = (
 )
 
 
+@pytest.mark.in_process
 @pytest.mark.anyio
 @settings(max_examples=200, deadline=None)
 @given(value=ANY_LAST_EVENT_ID)
@@ -411,6 +434,7 @@ async def test_last_event_id_rule_holds_for_any_value(value):
     assert await first_ids(1, last_event_id=value) == [int(value) + 1 if resumes else 0]
 
 
+@pytest.mark.in_process
 @pytest.mark.anyio
 @settings(max_examples=200, deadline=None)
 @given(value=ANY_LAST_EVENT_ID.filter(lambda value: "\x00" not in value))
@@ -633,6 +657,7 @@ def statuses_of_requests_sent_together(port, count, headers=""):
         time.sleep(0.5)  # for the server to see them go
 
 
+@pytest.mark.real_server
 def test_daphne_serves_the_page_and_the_stream(server):
     page = httpx.get(server.url + "/", timeout=5)
     assert page.status_code == 200
@@ -642,6 +667,7 @@ def test_daphne_serves_the_page_and_the_stream(server):
     assert [event.data.split()[1] for event in events] == ["0", "1", "2"]
 
 
+@pytest.mark.real_server
 def test_events_arrive_one_by_one_not_in_a_batch(server):
     arrivals = []
     with (
@@ -654,11 +680,13 @@ def test_events_arrive_one_by_one_not_in_a_batch(server):
     assert all(gap > 0.05 for gap in gaps), gaps  # SSE_INTERVAL is 0.1 s
 
 
+@pytest.mark.real_server
 def test_daphne_resumes_after_last_event_id(server):
     events = read_events(server.url, 2, last_event_id="41")
     assert [event.id for event in events] == ["42", "43"]
 
 
+@pytest.mark.real_server
 def test_disconnect_ends_the_stream_on_the_server_with_one_log_line(server):
     read_events(server.url, 2, last_event_id="900000")  # ids no other test sees
     server.wait_for_log("client went away before id 9000", timeout=5)
@@ -666,6 +694,7 @@ def test_disconnect_ends_the_stream_on_the_server_with_one_log_line(server):
     assert server.log.count("client went away before id 9000") == 1  # once, not twice
 
 
+@pytest.mark.real_server
 def test_resume_across_a_server_restart(daphne):
     server = daphne(SSE_INTERVAL="0.1")
     last_id = read_events(server.url, 3)[-1].id
@@ -676,6 +705,7 @@ def test_resume_across_a_server_restart(daphne):
     ]
 
 
+@pytest.mark.real_server
 def test_python_app_py_runserver_serves_through_daphne(tmp_path):
     port = free_port()
     with open(tmp_path / "runserver.log", "wb") as log:
@@ -698,6 +728,7 @@ def test_python_app_py_runserver_serves_through_daphne(tmp_path):
         runserver.wait(10)
 
 
+@pytest.mark.real_server
 def test_open_streams_hold_no_thread_and_leave_nothing_behind(daphne):
     """Three rounds of 500 streams, each dropped at once: no thread opens, holds or
     closes a stream, every stream ends on the server, the count of open streams returns
@@ -729,6 +760,7 @@ def test_open_streams_hold_no_thread_and_leave_nothing_behind(daphne):
     run(rounds())
 
 
+@pytest.mark.real_server
 def test_max_age_ends_the_stream_and_last_event_id_goes_on(daphne):
     server = daphne(SSE_INTERVAL="0.05", SSE_MAX_AGE="0.3")
     with httpx.Client(timeout=5) as http:
@@ -742,6 +774,7 @@ def test_max_age_ends_the_stream_and_last_event_id_goes_on(daphne):
     server.wait_for_log("stream reached SSE_MAX_AGE", count=2)
 
 
+@pytest.mark.real_server
 def test_past_max_streams_is_503_and_open_streams_keep_their_pace(daphne):
     server = daphne(SSE_INTERVAL="0.1", SSE_MAX_STREAMS="20")
 
@@ -783,6 +816,7 @@ application = app.application
 """
 
 
+@pytest.mark.real_server
 def test_failures_are_logged_and_a_stream_that_fails_ends_cleanly(tmp_path):
     (tmp_path / "failing_app.py").write_text(FAILING_APP)
     server = Daphne(
@@ -804,6 +838,7 @@ def test_failures_are_logged_and_a_stream_that_fails_ends_cleanly(tmp_path):
     assert server.served.count("RuntimeError: the reader's code failed") == 2
 
 
+@pytest.mark.real_server
 def test_sigterm_with_streams_open_exits_within_5_s(daphne):
     server = daphne(SSE_INTERVAL="0.1")
 
@@ -896,6 +931,7 @@ def storm(server, clients, seconds):
     return run(main())
 
 
+@pytest.mark.real_server
 def test_reconnect_storm_loses_nothing(daphne):
     server = daphne(
         endpoint="tcp:port={port}:interface=127.0.0.1:backlog=4096", SSE_INTERVAL="0.5"
@@ -945,17 +981,20 @@ def hostile_request(method, target, headers):
     return request.replace(b"\r\n\r\n\r\n", b"\r\n\r\n")
 
 
+@pytest.mark.real_server
 @pytest.mark.parametrize("method, target, headers", HOSTILE_REQUESTS)
 def test_hostile_requests_get_an_answer_below_500(server, method, target, headers):
     assert answer_status(server.port, hostile_request(method, target, headers)) < 500
 
 
+@pytest.mark.real_server
 @pytest.mark.parametrize("host", [b"evil.example", b"127.0.0.1:1@evil.example", b""])
 def test_unknown_host_gets_400_from_a_real_server(server, host):
     request = b"GET /stream/ HTTP/1.1\r\nHost: %s\r\n\r\n" % host
     assert answer_status(server.port, request) == 400
 
 
+@pytest.mark.real_server
 def test_server_is_unharmed_by_hostile_requests(daphne):
     server = daphne(SSE_INTERVAL="0.1")
     for method, target, headers in HOSTILE_REQUESTS:
@@ -977,12 +1016,14 @@ def raw_answer(port, request):
     return answer
 
 
+@pytest.mark.real_server
 def test_one_header_line_over_16_kb_gets_a_hang_up_without_an_answer(server):
     big = b"GET /stream/ HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: %b\r\n\r\n" % (b"a" * 17_000)
     assert raw_answer(server.port, big) == b""
     assert [event.id for event in read_events(server.url, 2)] == ["0", "1"]
 
 
+@pytest.mark.real_server
 def test_header_lines_over_16_kb_in_all_get_400(server):
     lines = b"".join(b"X-Line-%d: %b\r\n" % (n, b"a" * 1000) for n in range(20))
     answer = raw_answer(server.port, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n%b\r\n" % lines)
@@ -1054,6 +1095,7 @@ def wait_for_id(page, event_id):
     )
 
 
+@pytest.mark.browser
 def test_browser_start_shows_events_live(server, page):
     page.goto(server.url)
     assert page.locator("#state").text_content() == "stopped"
@@ -1069,6 +1111,7 @@ def test_browser_start_shows_events_live(server, page):
     assert page.locator("[aria-live]").count() == 0
 
 
+@pytest.mark.browser
 def test_browser_stop_closes_the_stream(server, page):
     page.goto(server.url)
     page.click("#start")
@@ -1086,6 +1129,7 @@ def test_browser_stop_closes_the_stream(server, page):
     assert shown_ids(page) == list(range(shown[-1] + 3))
 
 
+@pytest.mark.browser
 def test_browser_resumes_across_a_server_restart_with_no_gap(daphne, page):
     server = daphne(SSE_INTERVAL="0.2")
     page.goto(server.url)
@@ -1101,6 +1145,7 @@ def test_browser_resumes_across_a_server_restart_with_no_gap(daphne, page):
     assert page.locator("#state").text_content() == "live"
 
 
+@pytest.mark.browser
 def test_browser_goes_on_across_max_age_with_no_gap(daphne, page):
     server = daphne(SSE_INTERVAL="0.1", SSE_MAX_AGE="1")
     page.goto(server.url)
@@ -1110,6 +1155,7 @@ def test_browser_goes_on_across_max_age_with_no_gap(daphne, page):
     assert len(ids) >= 10 and ids == list(range(len(ids))), ids  # each stream: 5-10 ids
 
 
+@pytest.mark.browser
 def test_browser_says_busy_and_tries_again_by_itself(daphne, page):
     server = daphne(SSE_INTERVAL="0.1", SSE_MAX_STREAMS="1")
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as other:
@@ -1143,6 +1189,7 @@ def wait_for_asks(page, asked, count, timeout=10):
         page.wait_for_timeout(50)
 
 
+@pytest.mark.browser
 def test_browser_waits_as_long_as_retry_after_says_then_longer(server, page):
     asked = answer_every_stream_with(page, 503, {"Retry-After": "1"})
     page.goto(server.url)
@@ -1153,6 +1200,7 @@ def test_browser_waits_as_long_as_retry_after_says_then_longer(server, page):
     assert 0.95 < first < 1.6 and 1.95 < second < 3.1, (first, second)
 
 
+@pytest.mark.browser
 def test_browser_waits_a_minute_at_most(server, page):
     answer_every_stream_with(page, 503, {"Retry-After": "3600"})
     page.goto(server.url)
@@ -1160,6 +1208,7 @@ def test_browser_waits_a_minute_at_most(server, page):
     expect(page.locator("#state")).to_have_text("server busy, trying again in 60 s")
 
 
+@pytest.mark.browser
 def test_browser_stop_cancels_the_next_try_and_forgets_the_back_off(server, page):
     asked = answer_every_stream_with(page, 503, {"Retry-After": "1"})
     page.goto(server.url)
@@ -1174,6 +1223,7 @@ def test_browser_stop_cancels_the_next_try_and_forgets_the_back_off(server, page
     expect(page.locator("#state")).to_have_text("server busy, trying again in 1 s")
 
 
+@pytest.mark.browser
 @pytest.mark.parametrize(
     "status, shown, tries_again",
     [
@@ -1192,6 +1242,7 @@ def test_browser_tells_other_answers_from_a_busy_server(server, page, status, sh
     assert len(asked) == (2 if tries_again else 1)
 
 
+@pytest.mark.browser
 def test_browser_shows_event_data_as_text_never_html(server, page):
     markup = "<img src=x id=injected> 7"
     page.route(
@@ -1208,6 +1259,7 @@ def test_browser_shows_event_data_as_text_never_html(server, page):
     assert page.locator("#injected").count() == 0
 
 
+@pytest.mark.browser
 def test_browser_keeps_only_the_latest_100_lines(daphne, page):
     server = daphne(SSE_INTERVAL="0.01")
     page.goto(server.url)
@@ -1272,11 +1324,13 @@ def live_streams_of_eight(page, url):
     return sum(count >= 3 for count in page.evaluate("window.received"))
 
 
+@pytest.mark.browser
 def test_browser_holds_at_most_six_streams_over_http_1_1(server, page):
     assert live_streams_of_eight(page, server.url) == 6
     assert page.evaluate("performance.getEntries()[0].nextHopProtocol") == "http/1.1"
 
 
+@pytest.mark.browser
 def test_browser_holds_eight_streams_over_http2(daphne, browser, tmp_path):
     if not all(map(importlib.util.find_spec, ["h2", "OpenSSL", "cryptography"])):
         why = 'no HTTP/2 in Twisted: pip install "twisted[tls,http2]"'
@@ -1336,6 +1390,7 @@ def open_sockets(process):
     return sum(os.readlink(fd).startswith("socket:") for fd in fds.iterdir())
 
 
+@pytest.mark.browser
 def test_nginx_passes_events_at_once_and_fails_over_without_loss(daphne, page, tmp_path):
     backends = [daphne(SSE_INTERVAL="0.2"), daphne(SSE_INTERVAL="0.2")]
     port = free_port()
@@ -1444,6 +1499,7 @@ def status_of(url, **headers):
         return response.status_code
 
 
+@pytest.mark.own_project
 def test_your_project_refuses_an_anonymous_stream_with_403(project_server):
     assert status_of(project_server.url + "/stream/") == 403
 
@@ -1458,6 +1514,7 @@ READ_THREE_EVENTS = """() => new Promise((resolve, reject) => {
 })"""
 
 
+@pytest.mark.own_project
 def test_your_project_streams_to_a_logged_in_browser(project_server, page):
     page.goto(project_server.url + "/admin/login/")
     page.fill("#id_username", "admin")
@@ -1468,6 +1525,7 @@ def test_your_project_streams_to_a_logged_in_browser(project_server, page):
     assert events == [["0", "admin 0"], ["1", "admin 1"], ["2", "admin 2"]]
 
 
+@pytest.mark.own_project
 def test_your_project_holds_300_streams_without_a_thread_each(project_server):
     cookie = f"Cookie: {session_cookie(project_server.url)}\r\n"
     pid = project_server.process.pid
@@ -1494,6 +1552,7 @@ def test_your_project_holds_300_streams_without_a_thread_each(project_server):
     assert peak <= baseline + 1, (baseline, peak)
 
 
+@pytest.mark.own_project
 def test_your_project_cap_holds_for_requests_that_arrive_together(project, tmp_path):
     (project / "mysite" / "settings_cap_5.py").write_text(
         "from .settings import *\n\nSSE_MAX_STREAMS = 5\n"
