@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -77,14 +78,9 @@ def client():
 
 @pytest.fixture
 def app_log(caplog):
-    """What app.py and Django's request logger log: they have their own handler and do
-    not pass records on, so listen to them where they are."""
-    loggers = [logging.getLogger(name) for name in ["app", "django.request"]]
-    for logger in loggers:
-        logger.addHandler(caplog.handler)
-    yield caplog
-    for logger in loggers:
-        logger.removeHandler(caplog.handler)
+    """What app.py and Django log, from INFO up."""
+    caplog.set_level(logging.INFO)
+    return caplog
 
 
 async def first_chunks(response, count):
@@ -476,9 +472,10 @@ class Daphne:
         endpoint="tcp:port={port}:interface=127.0.0.1",
         application="app:application",
         cwd=HERE,
+        options=(),
         **env,
     ):
-        self.application, self.cwd = application, cwd
+        self.application, self.cwd, self.options = application, cwd, list(options)
         self.port = free_port()
         self.endpoint = endpoint.format(port=self.port)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -493,7 +490,7 @@ class Daphne:
         self.log_path = self.log_dir / f"daphne-{self.port}-{self.starts}.log"
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                [DAPHNE, "-e", self.endpoint, self.application],
+                [DAPHNE, *self.options, "-e", self.endpoint, self.application],
                 cwd=self.cwd,
                 env=self.env,
                 stdout=log,
@@ -1391,8 +1388,20 @@ def open_sockets(process):
 
 
 @pytest.mark.browser
+def readme_daphne_behind_nginx():
+    """The options and endpoint of the README's Daphne processes behind nginx."""
+    readme = (HERE / "README.md").read_text()
+    command = r"^    (daphne .*tcp:port=800\d:.* app:application)$"
+    commands = re.findall(command, readme, re.MULTILINE)
+    assert len(commands) == 2, commands
+    *options, dash_e, endpoint = shlex.split(commands[0])[1:-1]
+    assert dash_e == "-e"
+    return options, re.sub(r"port=800\d", "port={port}", endpoint)
+
+
 def test_nginx_passes_events_at_once_and_fails_over_without_loss(daphne, page, tmp_path):
-    backends = [daphne(SSE_INTERVAL="0.2"), daphne(SSE_INTERVAL="0.2")]
+    options, endpoint = readme_daphne_behind_nginx()
+    backends = [daphne(options=options, endpoint=endpoint, SSE_INTERVAL="0.2") for _ in "12"]
     port = free_port()
     config = readme_nginx_config([port, *(backend.port for backend in backends)])
     nginx = start_nginx(tmp_path, config)
@@ -1408,6 +1417,10 @@ def test_nginx_passes_events_at_once_and_fails_over_without_loss(daphne, page, t
                 arrivals.append(time.monotonic())
         gaps = [later - earlier for earlier, later in pairwise(arrivals[1:])]
         assert all(0.1 < gap < 0.35 for gap in gaps), gaps  # one by one, not batched
+        # Daphne logs the first address of X-Forwarded-For: the client cannot choose it.
+        httpx.get(url + "/", headers={"X-Forwarded-For": "203.0.113.9"}, timeout=5)
+        logs = "".join(backend.log for backend in backends)
+        assert '"GET /" 200' in logs and "203.0.113.9" not in logs
 
         page.goto(url)
         page.click("#start")
