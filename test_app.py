@@ -1445,7 +1445,7 @@ def open_sockets(process):
 def readme_daphne_behind_nginx():
     """The options and endpoint of the README's Daphne processes behind nginx."""
     readme = (HERE / "README.md").read_text()
-    command = r"^    (daphne .*tcp:port=800\d:.* app:application)$"
+    command = r"^    (daphne --proxy-headers .*tcp:port=800\d:.* app:application)$"
     commands = re.findall(command, readme, re.MULTILINE)
     assert len(commands) == 2, commands
     *options, dash_e, endpoint = shlex.split(commands[0])[1:-1]
