@@ -1897,6 +1897,7 @@ async def turnover(pid, *, port, clients, seconds=60):
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.sleep(3)  # the streams end before the server is stopped
     return figures
 
 
