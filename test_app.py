@@ -13,11 +13,14 @@ Measure: python test_app.py bench [STREAMS] [--server daphne|uvicorn|hypercorn|g
 """
 
 import asyncio
+import contextlib
 import datetime
 import gc
 import importlib.metadata
 import importlib.util
 import ipaddress
+import itertools
+import json
 import logging
 import os
 import re
@@ -29,6 +32,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -45,7 +49,7 @@ from django.db import close_old_connections, reset_queries
 from django.test import AsyncClient, override_settings
 from django.test.utils import setup_test_environment, teardown_test_environment
 from django.utils.decorators import async_only_middleware
-from httpx_sse import connect_sse
+from httpx_sse import aconnect_sse, connect_sse
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from playwright.sync_api import Error as PlaywrightError
@@ -987,7 +991,7 @@ def test_reconnect_storm_loses_nothing(daphne):
     server = daphne(
         endpoint="tcp:port={port}:interface=127.0.0.1:backlog=4096", SSE_INTERVAL="0.5"
     )
-    crowd, _ = storm(server, clients=300, seconds=20)
+    crowd, _ = storm(server, clients=300, seconds=12)
     for each in crowd:
         assert each.ids == list(range(len(each.ids)))  # no gap, no duplicate
         assert each.outages, "every client saw the restart"
@@ -1495,47 +1499,70 @@ def test_nginx_passes_events_at_once_and_fails_over_without_loss(daphne, page, t
 PASSWORD = "a password for this test only"
 
 
-def readme_project_files():
-    """The README's files for your own project: (path, how, code) in its order."""
+def readme_project_files(chapter):
+    """A README chapter's files for your own project: (path, how, code) in its order."""
     readme = (HERE / "README.md").read_text()
-    pattern = r"^`([\w/.]+)`, (the whole file|at the end):\n\n```python\n(.*?)```"
-    return re.findall(pattern, readme, re.MULTILINE | re.DOTALL)
+    section = readme.split(f"\n## {chapter}\n")[1].split("\n## ")[0]
+    pattern = r"^`([\w/.]+)`, (the whole file|at the end)[^:\n]*:\n\n```python\n(.*?)```"
+    return re.findall(pattern, section, re.MULTILINE | re.DOTALL)
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    """`django-admin startproject mysite`, then the README's steps as written."""
-    root = tmp_path_factory.mktemp("project")
+OWN_PROJECT = "Add it to your own project"
 
-    def manage(*args, **env):
-        command = [sys.executable, "manage.py", *args]
-        subprocess.run(command, cwd=root, env={**os.environ, **env}, check=True, timeout=60)
 
+def manage(root, *args, **env):
+    """`python manage.py ARGS` in the project at `root`; its output."""
+    command = [sys.executable, "manage.py", *args]
+    done = subprocess.run(
+        command,
+        cwd=root,
+        env={**os.environ, **env},
+        check=True,
+        timeout=60,
+        capture_output=True,
+        text=True,
+    )
+    return done.stdout
+
+
+def make_project(root, chapters, **env):
+    """`django-admin startproject mysite` and `startapp live`, then the README's
+    chapters applied as written, migrated, with a superuser."""
     subprocess.run(
         [sys.executable, "-m", "django", "startproject", "mysite", str(root)],
         check=True,
         timeout=60,
     )
-    manage("startapp", "live")
-    files = readme_project_files()
-    assert [path for path, _, _ in files] == [
-        "mysite/settings.py",
-        "mysite/asgi.py",
-        "live/views.py",
-        "mysite/urls.py",
-    ]
-    for path, how, code in files:
-        target = root / path
-        target.write_text(target.read_text() + "\n" + code if how == "at the end" else code)
-    manage("migrate", "-v", "0")
+    manage(root, "startapp", "live")
+    for chapter, paths in chapters.items():
+        files = readme_project_files(chapter)
+        assert [path for path, _, _ in files] == paths, chapter
+        for path, how, code in files:
+            target = root / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if how == "at the end":
+                code = target.read_text() + "\n" + code
+            target.write_text(code)
+    if (root / "live" / "models.py").read_text().count("class "):
+        manage(root, "makemigrations", "live", "-v", "0", **env)
+    manage(root, "migrate", "-v", "0", **env)
     manage(
+        root,
         "createsuperuser",
         "--noinput",
         "--username=admin",
         "--email=admin@example.com",
         DJANGO_SUPERUSER_PASSWORD=PASSWORD,
+        **env,
     )
     return root
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """`django-admin startproject mysite`, then the README's steps as written."""
+    paths = ["mysite/settings.py", "mysite/asgi.py", "live/views.py", "mysite/urls.py"]
+    return make_project(tmp_path_factory.mktemp("project"), {OWN_PROJECT: paths})
 
 
 @pytest.fixture(scope="module")
@@ -1550,13 +1577,20 @@ def project_server(project, tmp_path_factory):
     assert "Traceback" not in server.served, server.served
 
 
-def session_cookie(url):
-    """Logs in through Django's admin, as a person would; the session cookie."""
+@contextlib.contextmanager
+def logged_in(url):
+    """An httpx client logged in through Django's admin, as a person would."""
     with httpx.Client(base_url=url, timeout=10) as http:
         form = http.get("/admin/login/")
         token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', form.text)[1]
         fields = {"username": "admin", "password": PASSWORD, "csrfmiddlewaretoken": token}
         assert http.post("/admin/login/?next=/admin/", data=fields).status_code == 302
+        yield http
+
+
+def session_cookie(url):
+    """The session cookie of a login through Django's admin."""
+    with logged_in(url) as http:
         return f"sessionid={http.cookies['sessionid']}"
 
 
@@ -1641,7 +1675,432 @@ def test_your_project_cap_holds_for_requests_that_arrive_together(project, tmp_p
     assert "Traceback" not in server.served, server.served
 
 
-# 5. Measurements, not tests: python test_app.py bench|storm ----------------------
+# 5. Your own events: the next chapter, on a real PostgreSQL --------------------------
+
+EVENTS = "Send your own events"
+EVENTS_FILES = [
+    "mysite/settings.py",
+    "live/models.py",
+    "live/events.py",
+    "live/views.py",
+    "mysite/urls.py",
+    "live/management/commands/publish.py",
+]
+
+
+class PostgreSQL:
+    """A throwaway cluster in a temporary folder, on a free port of 127.0.0.1. PostgreSQL
+    refuses to run as root, so as root it runs as the `postgres` user."""
+
+    def __init__(self, **settings):
+        programs = sorted(
+            Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name)
+        )
+        if not programs:
+            why = "no PostgreSQL: apt-get install postgresql"
+            pytest.fail(why) if CI else pytest.skip(why)
+        self.programs = programs[-1]
+        self.directory = Path(tempfile.mkdtemp(prefix="sse-postgresql-"))
+        self.as_owner = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self.as_owner:
+            shutil.chown(self.directory, "postgres")
+        self.port = free_port()
+        self.settings = [f"--{name}={value}" for name, value in settings.items()]
+        self.env = {"PGHOST": "127.0.0.1", "PGPORT": str(self.port), "PGUSER": "mysite"}
+        subprocess.run(
+            [
+                *self.as_owner,
+                self.programs / "initdb",
+                "-D",
+                self.directory / "data",
+                "-U",
+                "mysite",
+                "--auth=trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ],
+            check=True,
+            timeout=60,
+            capture_output=True,
+        )
+
+    def start(self):
+        self.log_path = self.directory / "postgresql.log"
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    *self.as_owner,
+                    self.programs / "postgres",
+                    "-D",
+                    self.directory / "data",
+                    f"--port={self.port}",
+                    "--listen_addresses=127.0.0.1",
+                    f"--unix_socket_directories={self.directory}",
+                    *self.settings,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        wait_until_listening(self.port, self.process, log=self.log_path)
+        return self
+
+    def stop(self):
+        """A fast shutdown: open sessions are ended, as in a restart."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGINT)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+    def sql(self, query, *params, dbname="mysite"):
+        import psycopg
+
+        with psycopg.connect(**self.connection(dbname), autocommit=True) as connection:
+            cursor = connection.execute(query, params)
+            return cursor.fetchall() if cursor.description else None
+
+    def connection(self, dbname):
+        return {"host": "127.0.0.1", "port": self.port, "user": "mysite", "dbname": dbname}
+
+
+@pytest.fixture(scope="module")
+def postgresql():
+    pytest.importorskip("psycopg", reason="pip install psycopg[binary]")
+    database = PostgreSQL(fsync="off").start()
+    database.sql("CREATE DATABASE mysite", dbname="postgres")
+    yield database
+    database.stop()
+    shutil.rmtree(database.directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def events_project(postgresql, tmp_path_factory):
+    """The project of the last chapter with this one's files added, on that PostgreSQL."""
+    chapters = {
+        OWN_PROJECT: ["mysite/settings.py", "mysite/asgi.py", "live/views.py", "mysite/urls.py"],
+        EVENTS: EVENTS_FILES,
+    }
+    return make_project(tmp_path_factory.mktemp("events"), chapters, **postgresql.env)
+
+
+def publish_with_command(project, postgresql, data):
+    """`python manage.py publish DATA`; the id it printed."""
+    output = manage(project, "publish", json.dumps(data), **postgresql.env)
+    return int(re.fullmatch(r"published (\d+)\n", output)[1])
+
+
+@pytest.fixture(scope="module")
+def two_processes(events_project, postgresql, tmp_path_factory):
+    """Two Daphne processes on the one database, as behind a load balancer; the log has
+    events from before they started."""
+    for number in range(3):
+        publish_with_command(events_project, postgresql, {"before": number})
+    log_dir = tmp_path_factory.mktemp("events-daphne")
+    servers = [
+        Server(
+            log_dir, application="mysite.asgi:application", cwd=events_project, **postgresql.env
+        )
+        for _ in range(2)
+    ]
+    for server in servers:
+        server.start()
+    yield servers
+    for server in servers:
+        server.stop()
+    for server in servers:
+        assert "Traceback" not in server.served, server.served
+
+
+class Follower:
+    """A real SSE client (httpx-sse) that comes back as a browser does, with
+    Last-Event-ID, to the next of `urls` when its stream ends or breaks."""
+
+    def __init__(self, urls, cookie, last_event_id=None):
+        self.urls, self.cookie, self.last_event_id = urls, cookie, last_event_id
+        self.events = []  # (id, event type, data)
+        self.streams = 0
+
+    async def follow(self, http):
+        for url in itertools.cycle(self.urls):
+            headers = {"Cookie": self.cookie}
+            if self.last_event_id:
+                headers["Last-Event-ID"] = self.last_event_id
+            try:
+                async with aconnect_sse(http, "GET", url + "/stream/", headers=headers) as source:
+                    if source.response.status_code == 200:
+                        self.streams += 1
+                        async for event in source.aiter_sse():
+                            if event.data:
+                                self.events.append(
+                                    (int(event.id), event.event, json.loads(event.data))
+                                )
+                                self.last_event_id = event.id
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.1)
+
+    @property
+    def data(self):
+        return [data for _, kind, data in self.events if kind == "message"]
+
+
+def eventually(condition, timeout=10, what="the condition"):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def following(followers):
+    """The followers streaming, in an event loop of their own, while the block runs."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever)
+    thread.start()
+    http = httpx.AsyncClient(timeout=httpx.Timeout(5, read=None))
+    tasks = [asyncio.run_coroutine_threadsafe(each.follow(http), loop) for each in followers]
+    try:
+        eventually(lambda: all(each.streams for each in followers), 10, "every stream to start")
+        yield followers
+    finally:
+        for task in tasks:
+            task.cancel()
+        asyncio.run_coroutine_threadsafe(http.aclose(), loop).result(5)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+
+
+def post_from_the_view(http, text):
+    csrf = {"X-CSRFToken": http.cookies["csrftoken"]}
+    assert http.post("/post/", data={"text": text}, headers=csrf).status_code == 204
+
+
+def database_connections(pid, port):
+    """How many connections process `pid` holds to the database on `port`."""
+    sockets = {os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()}
+    connections = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[2].split(":")[1], 16) == port and f"socket:[{fields[9]}]" in sockets:
+            connections += 1
+    return connections
+
+
+def shell(code):
+    """`manage.py` arguments that run `code` with publish, transaction and time imported."""
+    imports = "import time\nfrom django.db import transaction\nfrom live.events import publish\n"
+    return ["shell", "--no-imports", "-c", imports + code]
+
+
+@pytest.mark.events
+def test_events_from_a_sync_view_and_a_command_reach_every_stream_on_both_processes(
+    two_processes, events_project, postgresql
+):
+    cookie = session_cookie(two_processes[0].url)
+    followers = [Follower([server.url], cookie) for server in two_processes for _ in range(5)]
+    with following(followers), logged_in(two_processes[1].url) as http:
+        for number in range(3):
+            post_from_the_view(http, f"from the view {number}")
+        for number in range(3):
+            publish_with_command(events_project, postgresql, {"from the command": number})
+        eventually(lambda: all(len(each.events) >= 6 for each in followers), 10, "6 events")
+    for each in followers:
+        assert each.data == [
+            *({"user": "admin", "text": f"from the view {number}"} for number in range(3)),
+            *({"from the command": number} for number in range(3)),
+        ]
+        ids = [event_id for event_id, _, _ in each.events]
+        assert ids == sorted(set(ids)), "once each, in order"
+
+
+def newest_id(postgresql):
+    return postgresql.sql("SELECT max(id) FROM live_event")[0][0]
+
+
+HELD_BACK = """with transaction.atomic():
+    publish({"held back": 1})
+    print("published", flush=True)
+    time.sleep(1.5)  # its id is taken, not yet seen: the racing publisher's comes next
+"""
+
+
+@pytest.mark.events
+def test_racing_publishers_with_one_commit_held_back_skip_nothing(
+    two_processes, events_project, postgresql
+):
+    cookie = session_cookie(two_processes[0].url)
+    start = str(newest_id(postgresql))
+    followers = [Follower([server.url], cookie, start) for server in two_processes]
+    with following(followers):
+        held = subprocess.Popen(
+            [sys.executable, "manage.py", *shell(HELD_BACK)],
+            cwd=events_project,
+            env={**os.environ, **postgresql.env},
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert held.stdout.readline() == "published\n"
+            publish_with_command(events_project, postgresql, {"racing": 1})
+        finally:
+            held.wait(10)
+        publish_with_command(events_project, postgresql, {"after both": 1})
+        eventually(lambda: all({"after both": 1} in each.data for each in followers), 10)
+    for each in followers:
+        assert each.data == [{"held back": 1}, {"racing": 1}, {"after both": 1}]
+
+
+ROLLED_BACK = """with transaction.atomic():
+    publish({"rolled back": 1})
+    transaction.set_rollback(True)
+"""
+
+
+@pytest.mark.events
+def test_a_rolled_back_publish_never_arrives(two_processes, events_project, postgresql):
+    cookie = session_cookie(two_processes[0].url)
+    start = str(newest_id(postgresql))
+    followers = [Follower([server.url], cookie, start) for server in two_processes]
+    with following(followers):
+        manage(events_project, *shell(ROLLED_BACK), **postgresql.env)
+        publish_with_command(events_project, postgresql, {"after": 1})
+        eventually(lambda: all(each.data for each in followers), 10, "the event after")
+    for each in followers:
+        assert each.data == [{"after": 1}]
+
+
+@pytest.mark.events
+def test_clients_of_a_killed_process_resume_on_the_other_with_nothing_lost(
+    two_processes, postgresql
+):
+    killed, other = two_processes
+    cookie = session_cookie(other.url)
+    start = str(newest_id(postgresql))
+    followers = [Follower([killed.url, other.url], cookie, start) for _ in range(10)]
+    with following(followers), logged_in(other.url) as http:
+        for number in range(10):
+            if number == 5:
+                os.kill(killed.process.pid, signal.SIGKILL)
+                killed.process.wait(10)
+            post_from_the_view(http, str(number))
+            time.sleep(0.1)
+        eventually(lambda: all(len(each.events) >= 10 for each in followers), 10, "10 events")
+    killed.start()  # for the tests after this one
+    for each in followers:
+        assert [data["text"] for data in each.data] == [str(number) for number in range(10)]
+        assert each.streams == 2, "came back once"
+
+
+TERMINATE_LISTENERS_THEN_PUBLISH = """from django.db import connection
+with connection.cursor() as cursor:
+    cursor.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE query = 'LISTEN live_event'"
+    )
+    print(len(cursor.fetchall()))
+publish({"while nobody listened": 1})
+"""
+
+
+@pytest.mark.events
+def test_a_terminated_listener_connection_loses_nothing(two_processes, events_project, postgresql):
+    cookie = session_cookie(two_processes[0].url)
+    start = str(newest_id(postgresql))
+    followers = [Follower([server.url], cookie, start) for server in two_processes]
+    with following(followers):
+        output = manage(events_project, *shell(TERMINATE_LISTENERS_THEN_PUBLISH), **postgresql.env)
+        assert output == "2\n", "one listener per process"
+        eventually(lambda: all(each.data for each in followers), 10, "the event")
+    for each in followers:
+        assert each.data == [{"while nobody listened": 1}]
+        assert each.streams == 1, "the streams themselves went on"
+    for server in two_processes:
+        server.wait_for_log("cannot follow the event log, trying again")
+    listening = "SELECT count(*) FROM pg_stat_activity WHERE query = 'LISTEN live_event'"
+    eventually(lambda: postgresql.sql(listening) == [(2,)], 10, "both to listen again")
+
+
+@pytest.mark.events
+def test_a_last_event_id_the_log_no_longer_has_is_told_so(two_processes, postgresql):
+    """The log began before the processes: ids 1-3 are older than their memory."""
+    postgresql.sql("DELETE FROM live_event WHERE id = 1")  # as SSE_LOG_SIZE would
+    after_2 = [
+        event_id for (event_id,) in postgresql.sql("SELECT id FROM live_event WHERE id > 2")
+    ]
+    cookie = session_cookie(two_processes[0].url)
+    url = [two_processes[0].url]
+    gone = Follower(url, cookie, "1")  # no longer kept
+    kept = Follower(url, cookie, "2")  # kept: read from the log, then from memory
+    alien = Follower(url, cookie, "99999999999")  # from another log
+    with following([gone, kept, alien]):
+        eventually(lambda: gone.events and alien.events and len(kept.events) >= len(after_2))
+    assert gone.events == [(after_2[-1], "missed", {"after": 1})]
+    assert alien.events == [(after_2[-1], "missed", {"after": 99999999999})]
+    assert [event_id for event_id, _, _ in kept.events] == after_2
+
+
+@pytest.mark.events
+def test_300_streams_hold_one_listener_connection_per_process(
+    events_project, postgresql, tmp_path
+):
+    """Fresh processes: the first streams arrive together and start the feed."""
+    servers = [
+        Server(
+            tmp_path, application="mysite.asgi:application", cwd=events_project, **postgresql.env
+        )
+        for _ in range(2)
+    ]
+    for server in servers:
+        server.start()
+    try:
+        cookie = f"Cookie: {session_cookie(servers[0].url)}\r\n"
+        before = [database_connections(s.process.pid, postgresql.port) for s in servers]
+
+        async def hold_300():
+            streams = []
+            for server in servers:
+                streams += await open_streams(server.port, 150, headers=cookie)
+            await until(lambda: all(each.status for each in streams), 20)
+            held = [database_connections(s.process.pid, postgresql.port) for s in servers]
+            await asyncio.to_thread(publish_with_command, events_project, postgresql, {"to": 300})
+            await until(lambda: all(len(each.arrivals) >= 2 for each in streams), 10)
+            for each in streams:
+                each.transport.close()
+            return {each.status for each in streams}, held
+
+        statuses, held = run(hold_300())
+    finally:
+        for server in servers:
+            server.stop()
+    assert statuses == {200}
+    assert before == [0, 0], "none: each request's connection closes as it ends"
+    # The listener's, and the one of the thread the streams share, open since its last read.
+    assert held == [2, 2]
+    for server in servers:
+        assert "Traceback" not in server.served
+
+
+@pytest.mark.events
+def test_a_stream_waits_then_gets_503_while_the_log_is_out_of_reach(events_project, tmp_path):
+    nowhere = {"PGHOST": "127.0.0.1", "PGPORT": str(free_port()), "PGUSER": "mysite"}
+    server = Server(tmp_path, application="mysite.asgi:application", cwd=events_project, **nowhere)
+    server.start()
+    try:
+        with httpx.stream("GET", server.url + "/stream/", timeout=10) as response:
+            assert response.status_code == 503
+            assert response.headers["Retry-After"] == "5"
+        server.wait_for_log("cannot follow the event log, trying again")
+    finally:
+        server.stop()
+    assert "Traceback" not in server.served, server.served
+
+
+# 6. Measurements, not tests: python test_app.py bench|storm ----------------------
 
 # The ceiling for Python: the same stream (shared clock, bytes, chunked HTTP/1.1, retry,
 # resume) from asyncio alone, with no framework and no server library.
