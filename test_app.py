@@ -6,10 +6,13 @@
 3. A real browser: Chromium driven by Playwright, against that Daphne, over HTTP/2 and
    behind the README's nginx configuration too.
 4. Your own project: `django-admin startproject`, the README's files added as they are.
+5. Your own events: the next chapter's files added to that project, on a PostgreSQL
+   started here, with two Daphne processes.
 
-Run: pytest            one layer: pytest -m in_process|real_server|browser|own_project
+Run: pytest            one layer: pytest -m in_process|real_server|browser|own_project|events
 Measure: python test_app.py bench [STREAMS] [--server daphne|uvicorn|hypercorn|granian]
          python test_app.py storm [CLIENTS]
+         python test_app.py bench-events [STREAMS]
 """
 
 import asyncio
@@ -19,7 +22,6 @@ import gc
 import importlib.metadata
 import importlib.util
 import ipaddress
-import itertools
 import json
 import logging
 import os
@@ -36,7 +38,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from itertools import islice, pairwise
+from itertools import cycle, islice, pairwise
 from pathlib import Path
 
 import django
@@ -1508,6 +1510,7 @@ def readme_project_files(chapter):
 
 
 OWN_PROJECT = "Add it to your own project"
+OWN_PROJECT_FILES = ["mysite/settings.py", "mysite/asgi.py", "live/views.py", "mysite/urls.py"]
 
 
 def manage(root, *args, **env):
@@ -1561,8 +1564,7 @@ def make_project(root, chapters, **env):
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """`django-admin startproject mysite`, then the README's steps as written."""
-    paths = ["mysite/settings.py", "mysite/asgi.py", "live/views.py", "mysite/urls.py"]
-    return make_project(tmp_path_factory.mktemp("project"), {OWN_PROJECT: paths})
+    return make_project(tmp_path_factory.mktemp("project"), {OWN_PROJECT: OWN_PROJECT_FILES})
 
 
 @pytest.fixture(scope="module")
@@ -1680,6 +1682,7 @@ def test_your_project_cap_holds_for_requests_that_arrive_together(project, tmp_p
 EVENTS = "Send your own events"
 EVENTS_FILES = [
     "mysite/settings.py",
+    "mysite/asgi.py",
     "live/models.py",
     "live/events.py",
     "live/views.py",
@@ -1724,6 +1727,10 @@ class PostgreSQL:
             timeout=60,
             capture_output=True,
         )
+
+    @property
+    def version(self):
+        return self.programs.parent.name
 
     def start(self):
         self.log_path = self.directory / "postgresql.log"
@@ -1780,10 +1787,7 @@ def postgresql():
 @pytest.fixture(scope="module")
 def events_project(postgresql, tmp_path_factory):
     """The project of the last chapter with this one's files added, on that PostgreSQL."""
-    chapters = {
-        OWN_PROJECT: ["mysite/settings.py", "mysite/asgi.py", "live/views.py", "mysite/urls.py"],
-        EVENTS: EVENTS_FILES,
-    }
+    chapters = {OWN_PROJECT: OWN_PROJECT_FILES, EVENTS: EVENTS_FILES}
     return make_project(tmp_path_factory.mktemp("events"), chapters, **postgresql.env)
 
 
@@ -1825,7 +1829,7 @@ class Follower:
         self.streams = 0
 
     async def follow(self, http):
-        for url in itertools.cycle(self.urls):
+        for url in cycle(self.urls):
             headers = {"Cookie": self.cookie}
             if self.last_event_id:
                 headers["Last-Event-ID"] = self.last_event_id
@@ -2066,9 +2070,9 @@ def test_300_streams_hold_one_listener_connection_per_process(
             for server in servers:
                 streams += await open_streams(server.port, 150, headers=cookie)
             await until(lambda: all(each.status for each in streams), 20)
-            held = [database_connections(s.process.pid, postgresql.port) for s in servers]
             await asyncio.to_thread(publish_with_command, events_project, postgresql, {"to": 300})
             await until(lambda: all(len(each.arrivals) >= 2 for each in streams), 10)
+            held = [database_connections(s.process.pid, postgresql.port) for s in servers]
             for each in streams:
                 each.transport.close()
             return {each.status for each in streams}, held
@@ -2079,8 +2083,7 @@ def test_300_streams_hold_one_listener_connection_per_process(
             server.stop()
     assert statuses == {200}
     assert before == [0, 0], "none: each request's connection closes as it ends"
-    # The listener's, and the one of the thread the streams share, open since its last read.
-    assert held == [2, 2]
+    assert held == [2, 2], "the listener's, and the log's in the thread streams share"
     for server in servers:
         assert "Traceback" not in server.served
 
@@ -2464,8 +2467,245 @@ def storm_report(clients=3000, seconds=40):
     print(f"logs: {server.log_dir}")
 
 
+class EventCounter(Listener):
+    """A load client for one stream of the log: each id, and when it arrived."""
+
+    def __init__(self, request):
+        super().__init__(request)
+        self.buffer = b""
+        self.ids, self.times = [], []
+
+    def data_received(self, data):
+        super().data_received(data)
+        # A chunk holds whole events, so chunk framing never falls inside one.
+        self.buffer += data
+        *whole, self.buffer = self.buffer.split(b"\n\n")
+        arrived = time.time()
+        for event_id in re.findall(rb"^id: (\d+)$", b"\n".join(whole), re.MULTILINE):
+            self.ids.append(int(event_id))
+            self.times.append(arrived)
+
+
+PUBLISH_FOR_30_S_THEN_200 = """
+started = time.time()
+for number in range(30):
+    time.sleep(max(0, started + number - time.time()))
+    at = time.time()
+    print(publish({"number": number}).id, at, flush=True)
+print("burst", time.time(), flush=True)
+for number in range(200):
+    print(publish({"burst": number}).id, time.time(), flush=True)
+"""
+
+
+def bench_events(streams=3000):
+    """The chapter's project on a PostgreSQL of its own: two Daphne processes, `streams`
+    streams split between them, 1 event a second for 30 s, then 200 as fast as they go;
+    then a LISTEN connection per stream, as popular tutorials do, beside it."""
+    root = Path(tempfile.mkdtemp(prefix="sse-bench-events-"))
+    database = PostgreSQL().start()
+    try:
+        database.sql("CREATE DATABASE mysite", dbname="postgres")
+        env = database.env
+        chapters = {OWN_PROJECT: OWN_PROJECT_FILES, EVENTS: EVENTS_FILES}
+        (root / "project").mkdir()
+        make_project(root / "project", chapters, **env)
+        manage(root / "project", "publish", '"before"', **env)
+        # An application's own role, not a superuser: the slots kept for superusers stay free.
+        for statement in (
+            "CREATE ROLE app LOGIN",
+            "GRANT ALL ON ALL TABLES IN SCHEMA public TO app",
+            "GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO app",
+        ):
+            database.sql(statement)
+        (root / "project" / "mysite" / "settings_bench.py").write_text(
+            "from .settings import *  # noqa\n\nSSE_MAX_STREAMS = 1_000_000  # capacity, not the cap\n"
+        )
+        env = {**env, "PGUSER": "app", "DJANGO_SETTINGS_MODULE": "mysite.settings_bench"}
+        figures = run_events_load(root, database, env, streams)
+        print(
+            f"\n{streams} streams on two Daphne processes, the log in PostgreSQL "
+            f"{database.version}; Python {sys.version.split()[0]}, Django {django.__version__}"
+        )
+        for name, value in figures.items():
+            print(f"{name:34}{figure(value):>10}")
+        print(
+            "\nA LISTEN connection per stream, as popular tutorials do "
+            f"(max_connections = {database.sql('SHOW max_connections')[0][0]}):"
+        )
+        for name, value in per_stream_listen(root, database, env).items():
+            print(f"{name:34}{value}")
+        print(f"logs: {root}")
+    finally:
+        database.stop()
+
+
+def run_events_load(root, database, env, streams):
+    import psycopg
+
+    servers = [
+        Server(
+            root,
+            application="mysite.asgi:application",
+            cwd=root / "project",
+            endpoint="tcp:port={port}:interface=127.0.0.1:backlog=8192",
+            **env,
+        )
+        for _ in range(2)
+    ]
+    for server in servers:
+        server.start()
+    try:
+        cookie = f"Cookie: {session_cookie(servers[0].url)}\r\n"
+        request = [
+            f"GET /stream/ HTTP/1.1\r\nHost: 127.0.0.1\r\n{cookie}\r\n".encode() for _ in servers
+        ]
+
+        async def load():
+            loop = asyncio.get_running_loop()
+            clients = []
+            for index in range(streams):
+                server, made = servers[index % 2], partial(EventCounter, request[index % 2])
+                _, client = await loop.create_connection(made, "127.0.0.1", server.port)
+                clients.append(client)
+                await asyncio.sleep(max(5, streams / 800) / streams)
+            await until(lambda: all(len(each.arrivals) >= 1 for each in clients), 60)
+            publisher = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "manage.py",
+                *shell(PUBLISH_FOR_30_S_THEN_200),
+                cwd=root / "project",
+                env={**os.environ, **env},
+                stdout=asyncio.subprocess.PIPE,
+            )
+            connections, threads = 0, 0
+            output = []
+            # One connection to count them all: one opened per count would be counted too.
+            async with await psycopg.AsyncConnection.connect(
+                **database.connection("mysite"), autocommit=True
+            ) as counting:
+                while line := await publisher.stdout.readline():
+                    output.append(line.decode().split())
+                    counted = await counting.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = 'mysite'"
+                        " AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
+                    )
+                    connections = max(connections, (await counted.fetchone())[0])
+                    threads = max(
+                        threads, *(proc_status(s.process.pid, "Threads") for s in servers)
+                    )
+            await publisher.wait()
+            published = {
+                int(event_id): float(at) for event_id, at in output if event_id != "burst"
+            }
+            burst_at = float(next(at for event_id, at in output if event_id == "burst"))
+            expected = sorted(published)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not all(
+                each.ids[-1:] == expected[-1:] for each in clients
+            ):
+                await asyncio.sleep(0.1)
+            for each in clients:
+                each.transport.close()
+            return clients, published, burst_at, expected, connections, threads
+
+        clients, published, burst_at, expected, connections, threads = run(load())
+    finally:
+        for server in servers:
+            server.stop()
+    lost = repeated = disordered = 0
+    latencies, last_arrival = [], 0
+    in_order = set(expected)
+    for each in clients:
+        lost += len(in_order - set(each.ids))
+        repeated += len(each.ids) - len(set(each.ids))
+        disordered += sum(later < earlier for earlier, later in pairwise(each.ids))
+        for event_id, arrived in zip(each.ids, each.times):
+            if published[event_id] < burst_at:
+                latencies.append(arrived - published[event_id])
+        last_arrival = max(last_arrival, *each.times[-1:])
+    latencies.sort()
+    return {
+        "streams": sum(each.status == 200 for each in clients),
+        "events published": len(expected),
+        "events lost": lost,
+        "events repeated": repeated,
+        "events out of order": disordered,
+        "latency p50 ms": 1000 * latencies[len(latencies) // 2],
+        "latency p99 ms": 1000 * latencies[int(len(latencies) * 0.99)],
+        "burst all delivered s": last_arrival - burst_at,
+        "database connections": connections,
+        "threads per process": threads,
+        "errors logged": sum(
+            len(re.findall("ERROR|Traceback", server.served)) for server in servers
+        ),
+    }
+
+
+# As popular tutorials have it: the view opens a connection of its own and LISTENs on it.
+PER_STREAM_LISTEN = """import psycopg
+from django.http import StreamingHttpResponse
+
+
+async def events():
+    async with await psycopg.AsyncConnection.connect("dbname=mysite", autocommit=True) as db:
+        await db.execute("LISTEN live_event")
+        yield ": listening\\n\\n"
+        async for notification in db.notifies():
+            yield f"data: {notification.payload}\\n\\n"
+
+
+async def stream(request):
+    return StreamingHttpResponse(events(), content_type="text/event-stream")
+"""
+
+
+def per_stream_listen(root, database, env, most=200):
+    """Streams opened one by one until one fails: at which, and what its client sees."""
+    project = root / "project"
+    (project / "live" / "per_stream_listen.py").write_text(PER_STREAM_LISTEN)
+    (project / "mysite" / "urls_per_stream.py").write_text(
+        "from django.urls import path\n\nfrom live.per_stream_listen import stream\n"
+        "from mysite.urls import urlpatterns as chapter\n\n"
+        'urlpatterns = [path("stream/", stream), *chapter]\n'
+    )
+    (project / "mysite" / "settings_per_stream.py").write_text(
+        'from .settings_bench import *  # noqa\n\nROOT_URLCONF = "mysite.urls_per_stream"\n'
+    )
+    server = Server(
+        root,
+        application="mysite.asgi:application",
+        cwd=project,
+        **{**env, "DJANGO_SETTINGS_MODULE": "mysite.settings_per_stream"},
+    ).start()
+    opened, seen = [], "never failed"
+    try:
+        cookie = session_cookie(server.url)
+        for number in range(1, most + 1):
+            raw = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            opened.append(raw)
+            raw.sendall(b"GET /stream/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            try:
+                status_line = raw.recv(4096).split(b"\r\n")[0].decode()
+            except TimeoutError:
+                status_line = "nothing within 5 s"
+            if not status_line.endswith("200 OK"):
+                seen = f"stream {number}: {status_line or 'hung up'}"
+                break
+        with httpx.Client(base_url=server.url, timeout=10) as http:
+            admin = http.get("/admin/", headers={"Cookie": cookie})
+        return {
+            "the first stream that failed": seen,
+            "then a view that reads the database": f"HTTP {admin.status_code}",
+        }
+    finally:
+        for raw in opened:
+            raw.close()
+        server.stop()
+
+
 if __name__ == "__main__":
-    usage = "python test_app.py bench [STREAMS] [--server NAME] | storm [CLIENTS]"
+    usage = "python test_app.py bench [STREAMS] [--server NAME] | storm [CLIENTS] | bench-events [STREAMS]"
     command, *rest = sys.argv[1:] or ["bench"]
     server = rest[rest.index("--server") + 1] if "--server" in rest else "daphne"
     count = [word for word in rest if word.isdigit()]
@@ -2474,5 +2714,7 @@ if __name__ == "__main__":
         bench(int(count[0]) if count else 4000, server)
     elif command == "storm":
         storm_report(int(count[0]) if count else 3000)
+    elif command == "bench-events":
+        bench_events(int(count[0]) if count else 3000)
     else:
         sys.exit(f"usage: {usage}; servers: {', '.join(SERVERS)}")
