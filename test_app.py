@@ -1797,21 +1797,24 @@ def publish_with_command(project, postgresql, data):
     return int(re.fullmatch(r"published (\d+)\n", output)[1])
 
 
+def two_daphnes(log_dir, project, env, **options):
+    """Two Daphne processes serving the project, started, as behind a load balancer."""
+    servers = [
+        Server(log_dir, application="mysite.asgi:application", cwd=project, **options, **env)
+        for _ in range(2)
+    ]
+    for server in servers:
+        server.start()
+    return servers
+
+
 @pytest.fixture(scope="module")
 def two_processes(events_project, postgresql, tmp_path_factory):
     """Two Daphne processes on the one database, as behind a load balancer; the log has
     events from before they started."""
     for number in range(3):
         publish_with_command(events_project, postgresql, {"before": number})
-    log_dir = tmp_path_factory.mktemp("events-daphne")
-    servers = [
-        Server(
-            log_dir, application="mysite.asgi:application", cwd=events_project, **postgresql.env
-        )
-        for _ in range(2)
-    ]
-    for server in servers:
-        server.start()
+    servers = two_daphnes(tmp_path_factory.mktemp("events-daphne"), events_project, postgresql.env)
     yield servers
     for server in servers:
         server.stop()
@@ -2053,16 +2056,11 @@ def test_300_streams_hold_one_listener_connection_per_process(
     events_project, postgresql, tmp_path
 ):
     """Fresh processes: the first streams arrive together and start the feed."""
-    servers = [
-        Server(
-            tmp_path, application="mysite.asgi:application", cwd=events_project, **postgresql.env
-        )
-        for _ in range(2)
-    ]
-    for server in servers:
-        server.start()
+    servers = two_daphnes(tmp_path, events_project, postgresql.env)
     try:
         cookie = f"Cookie: {session_cookie(servers[0].url)}\r\n"
+        # The login's connection closes as its request ends, just after the answer.
+        time.sleep(0.5)
         before = [database_connections(s.process.pid, postgresql.port) for s in servers]
 
         async def hold_300():
@@ -2543,18 +2541,8 @@ def bench_events(streams=3000):
 def run_events_load(root, database, env, streams):
     import psycopg
 
-    servers = [
-        Server(
-            root,
-            application="mysite.asgi:application",
-            cwd=root / "project",
-            endpoint="tcp:port={port}:interface=127.0.0.1:backlog=8192",
-            **env,
-        )
-        for _ in range(2)
-    ]
-    for server in servers:
-        server.start()
+    endpoint = "tcp:port={port}:interface=127.0.0.1:backlog=8192"
+    servers = two_daphnes(root, root / "project", env, endpoint=endpoint)
     try:
         cookie = f"Cookie: {session_cookie(servers[0].url)}\r\n"
         request = [
