@@ -13,11 +13,14 @@ import random
 import re
 import secrets
 import sys
+import threading
 import weakref
 from pathlib import Path
 
 from django.conf import settings
 from django.core.asgi import get_asgi_application
+from django.core.signals import request_finished, request_started
+from django.dispatch import receiver
 from django.http import HttpResponse, StreamingHttpResponse
 from django.template.loader import render_to_string
 from django.urls import path
@@ -78,25 +81,15 @@ logger = logging.getLogger(__name__)
 
 EMOJIS = "🚀 🐎 🌅 🦾 🍇".encode().split()  # bytes: Django sends them as they are
 LAST_EVENT_ID = re.compile(r"[0-9]{1,18}")  # ASCII only, and small enough to add 1
-open_streams = 0
-closed_streams = 0  # for the garbage collector: see the end of this file
-
-
-def free_place():
-    global open_streams, closed_streams
-    open_streams -= 1
-    closed_streams += 1
+places = threading.BoundedSemaphore(SSE_MAX_STREAMS)
 
 
 class Place:
-    """One of SSE_MAX_STREAMS, taken when made and freed exactly once: when its stream
-    ends, or when it is collected if the client left before the stream began."""
+    """One of SSE_MAX_STREAMS, freed exactly once: when its stream ends, or when it is
+    collected if the client left before the stream began, in whichever thread that is."""
 
     def __init__(self):
-        global open_streams
-        collect_closed_streams()
-        open_streams += 1
-        self.free = weakref.finalize(self, free_place)
+        self.free = weakref.finalize(self, places.release)
 
 
 ticks = weakref.WeakKeyDictionary()  # event loop: the asyncio.Event of its next tick
@@ -144,15 +137,16 @@ async def events(next_id, place):
 @require_GET
 async def stream(request):
     request.get_host()  # No middleware checks ALLOWED_HOSTS, so do it here.
-    if open_streams >= SSE_MAX_STREAMS:
+    if not places.acquire(blocking=False):
         # EventSource gives up on a 503; the page retries it later by itself.
         return HttpResponse("Too many streams", status=503, headers={"Retry-After": "5"})
+    place = Place()  # taken before anything awaits, so the cap holds however many arrive
     # EventSource sends Last-Event-ID when it reconnects; the page passes the
     # last id in the query string when it opens a new EventSource.
     last_id = request.headers.get("Last-Event-ID") or request.GET.get("lastEventId", "")
     next_id = int(last_id) + 1 if LAST_EVENT_ID.fullmatch(last_id) else 0
     return StreamingHttpResponse(
-        events(next_id, Place()),  # the place is taken before anything awaits
+        events(next_id, place),
         content_type="text/event-stream",
         headers={
             "Cache-Control": "no-cache",  # Every event is new; never store one.
@@ -211,17 +205,27 @@ gc.freeze()
 # come every few ticks: with streams ending and coming back, late events fell from
 # a half to a twentieth, and the CPU per event by 40 %.
 gc.set_threshold(8_000)
-collected_at = 0  # closed_streams at the last full collection
+started = ended = collected_at = 0  # requests begun and ended; ended at the last collection
+counting = threading.Lock()
 
 
-def collect_closed_streams():
-    """Closed streams leave reference cycles that only a full collection frees (9 MB
-    per 500 streams here). Once more have closed since the last one than are open,
+@receiver(request_finished)
+def count_ended(**kwargs):
+    global ended
+    with counting:  # pages end in threads of their own, streams in the one they share
+        ended += 1
+
+
+@receiver(request_started)
+async def collect_closed_streams(**kwargs):
+    """Closed streams leave reference cycles that only a full collection frees (9 MB per
+    500 streams here). Once more requests have ended since the last one than are open,
     collect before the next begins: memory stays flat, and the pause comes once per
     turnover of the open streams, never with every tick."""
-    global collected_at
-    if closed_streams - collected_at > open_streams:
-        collected_at = closed_streams
+    global started, collected_at
+    started += 1  # on the event loop, one at a time
+    if ended - collected_at > started - ended:
+        collected_at = ended
         gc.collect()
 
 

@@ -40,6 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from itertools import cycle, islice, pairwise
 from pathlib import Path
+from types import SimpleNamespace
 
 import django
 import httpx
@@ -52,7 +53,7 @@ from django.test import AsyncClient, override_settings
 from django.test.utils import setup_test_environment, teardown_test_environment
 from django.utils.decorators import async_only_middleware
 from httpx_sse import aconnect_sse, connect_sse
-from hypothesis import given, settings
+from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import expect, sync_playwright
@@ -101,6 +102,21 @@ async def first_chunks(response, count):
             break
     await response.streaming_content.aclose()
     return chunks
+
+
+def cap_streams_at(monkeypatch, count):
+    monkeypatch.setattr(app, "SSE_MAX_STREAMS", count)
+    monkeypatch.setattr(app, "places", threading.BoundedSemaphore(count))
+
+
+def taken_places():
+    """How many of app.py's SSE_MAX_STREAMS places are taken, read by taking the rest."""
+    free = 0
+    while app.places.acquire(blocking=False):
+        free += 1
+    for _ in range(free):
+        app.places.release()
+    return app.SSE_MAX_STREAMS - free
 
 
 async def first_ids(count=1, **headers):
@@ -308,11 +324,11 @@ async def test_client_going_away_cancels_the_stream_and_is_logged(fast, app_log)
     assert (await connection.receive_output(1))["status"] == 200
     await connection.receive_output(1)  # retry:
     await connection.receive_output(1)  # id: 0
-    assert app.open_streams == 1
+    assert taken_places() == 1
     await connection.send_input({"type": "http.disconnect"})
     await connection.wait(1)  # the application returns: nothing left running
     gc.collect()
-    assert app.open_streams == 0  # freed once, by the stream's end, not again when collected
+    assert taken_places() == 0  # freed once, by the stream's end, not again when collected
     assert re.search(r"client went away before id \d+", app_log.text)
 
 
@@ -326,7 +342,7 @@ async def test_stream_ends_cleanly_after_max_age(fast, monkeypatch, app_log):
     ids = [int(EVENT.fullmatch(chunk)[1]) for chunk in chunks[1:]]
     assert 3 <= len(ids) <= 15 and ids == list(range(len(ids)))
     assert f"stream reached SSE_MAX_AGE before id {len(ids)}" in app_log.text
-    assert app.open_streams == 0
+    assert taken_places() == 0
 
 
 @pytest.mark.in_process
@@ -374,7 +390,7 @@ async def disconnect(*connections):
 async def test_cap_holds_for_requests_that_arrive_together(
     fast, monkeypatch, middleware_that_awaits
 ):
-    monkeypatch.setattr(app, "SSE_MAX_STREAMS", 5)
+    cap_streams_at(monkeypatch, 5)
     connections = [asgi_get("/stream/") for _ in range(60)]
     for connection in connections:  # all sixty are in the view before any is answered
         await connection.send_input({"type": "http.request"})
@@ -383,7 +399,7 @@ async def test_cap_holds_for_requests_that_arrive_together(
     assert statuses.count(200) == 5 and statuses.count(503) == 55, statuses
     refused = starts[statuses.index(503)]
     assert int(dict(refused["headers"])[b"Retry-After"]) > 0
-    assert app.open_streams == 5
+    assert taken_places() == 5
     admitted = [c for c, status in zip(connections, statuses) if status == 200]
     await disconnect(admitted[0])
     again = asgi_get("/stream/")  # a closed stream frees its place
@@ -391,13 +407,13 @@ async def test_cap_holds_for_requests_that_arrive_together(
     assert (await again.receive_output(2))["status"] == 200
     await disconnect(*admitted[1:], again)
     gc.collect()
-    assert app.open_streams == 0  # each place freed, and only once
+    assert taken_places() == 0  # each place freed, and only once
 
 
 @pytest.mark.in_process
 @pytest.mark.anyio
 async def test_a_refused_stream_is_not_logged_as_an_error_but_a_failure_is(monkeypatch, app_log):
-    monkeypatch.setattr(app, "SSE_MAX_STREAMS", 0)
+    cap_streams_at(monkeypatch, 0)
     assert (await client().get("/stream/")).status_code == 503
     assert not [record for record in app_log.records if record.levelno >= logging.ERROR]
 
@@ -411,16 +427,33 @@ async def test_a_refused_stream_is_not_logged_as_an_error_but_a_failure_is(monke
 
 
 @pytest.mark.in_process
+def test_places_freed_in_any_thread_leave_the_cap_exact():
+    """A place is freed by whichever thread collects it: the count is a semaphore."""
+
+    def churn():
+        for _ in range(20_000):
+            if app.places.acquire(blocking=False):
+                app.Place()  # dropped at once
+
+    threads = [threading.Thread(target=churn) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert taken_places() == 0
+
+
+@pytest.mark.in_process
 @pytest.mark.anyio
 async def test_a_stream_that_never_began_frees_its_place(fast, middleware_that_awaits):
     connection = asgi_get("/stream/")
     await connection.send_input({"type": "http.request"})
     async with asyncio.timeout(2):
-        while app.open_streams == 0:  # the view has taken a place; the middleware awaits
+        while taken_places() == 0:  # the view has taken a place; the middleware awaits
             await asyncio.sleep(0.001)
     await disconnect(connection)  # before the response, so the stream never begins
     gc.collect()
-    assert app.open_streams == 0
+    assert taken_places() == 0
 
 
 ANY_LAST_EVENT_ID = (
@@ -501,11 +534,14 @@ class Server:
         application="app:application",
         cwd=HERE,
         options=(),
+        command=None,
+        port=None,
         **env,
     ):
         self.kind, self.application, self.cwd = kind, application, cwd
         self.options = list(options)
-        self.port = free_port()
+        self.given_command = command  # a command of its own, on `port`
+        self.port = port or free_port()
         self.endpoint = endpoint.format(port=self.port)
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
@@ -515,6 +551,8 @@ class Server:
         self.served = ""
 
     def command(self):
+        if self.given_command:
+            return [beside_python(self.given_command[0]), *self.given_command[1:]]
         if self.kind == "daphne":
             return [DAPHNE, *self.options, "-e", self.endpoint, self.application]
         options = OTHER_SERVERS[self.kind].format(port=self.port).split()
@@ -1287,10 +1325,12 @@ def test_browser_stop_cancels_the_next_try_and_forgets_the_back_off(server, page
         (204, "ended by the server", False),  # SSE's "stop for good"
         (404, "failed: HTTP 404", False),
         (502, re.compile(r"no stream \(HTTP 502\), trying again in [23] s"), True),
+        # A login page after a redirect, a captive portal: not a stream either.
+        (200, re.compile(r"no stream \(HTTP 200\), trying again in [23] s"), True),
     ],
 )
 def test_browser_tells_other_answers_from_a_busy_server(server, page, status, shown, tries_again):
-    asked = answer_every_stream_with(page, status)
+    asked = answer_every_stream_with(page, status, {"Content-Type": "text/html"})
     page.goto(server.url)
     page.click("#start")
     expect(page.locator("#state")).to_have_text(shown)
@@ -1413,10 +1453,11 @@ def test_browser_holds_eight_streams_over_http2(daphne, browser, tmp_path):
         context.close()
 
 
-def readme_nginx_config(ports):
-    """The README's nginx configuration, with only its three ports changed."""
+def readme_nginx_config(ports, section="Several processes behind nginx"):
+    """The nginx configuration in a README section, with only its three ports changed."""
     readme = (HERE / "README.md").read_text()
-    config = re.search(r"```nginx\n(.*?)```", readme, re.DOTALL)[1]
+    text = readme.split(f"\n## {section}\n")[1].split("\n## ")[0]
+    config = re.search(r"```nginx\n(.*?)```", text, re.DOTALL)[1]
     for readme_port, port in zip(["8000", "8001", "8002"], ports, strict=True):
         assert f"127.0.0.1:{readme_port};" in config
         config = config.replace(f"127.0.0.1:{readme_port};", f"127.0.0.1:{port};")
@@ -1436,7 +1477,8 @@ def start_nginx(directory, config):
     (directory / "nginx.conf").write_text(
         f"daemon off; master_process off; pid {directory / 'nginx.pid'};\n"
         f"error_log {directory / 'error.log'};\n"
-        f"events {{}}\nhttp {{ access_log off; {temporary}\n{config}}}\n"
+        f"worker_rlimit_nofile 20000; events {{ worker_connections 10000; }}\n"
+        f"http {{ access_log off; {temporary}\n{config}}}\n"
     )
     command = [nginx, "-p", str(directory), "-e", str(directory / "error.log")]
     return subprocess.Popen([*command, "-c", str(directory / "nginx.conf")])
@@ -2766,7 +2808,7 @@ print(sum(places.acquire(blocking=False) for _ in range(settings.SSE_MAX_STREAMS
 
 
 @pytest.mark.events
-def test_places_freed_in_any_thread_leave_the_cap_exact(events_project, postgresql):
+def test_your_places_freed_in_any_thread_leave_the_cap_exact(events_project, postgresql):
     assert in_project(events_project, postgresql, PLACES_FREED_IN_OTHER_THREADS) == "1000\n"
 
 
@@ -2822,7 +2864,8 @@ STEPS = st.lists(
 
 
 @pytest.mark.events
-@settings(max_examples=5, deadline=None)
+# Each example runs real servers for seconds: a failing one is reported as it is, unshrunk.
+@settings(max_examples=5, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
 @given(steps=STEPS, topics=st.lists(st.sets(st.sampled_from(TOPICS)), min_size=4, max_size=4))
 def test_each_client_gets_exactly_the_events_for_it_and_none_of_anyone_elses(
     two_processes, events_project, postgresql, publisher, people, steps, topics
@@ -3014,7 +3057,150 @@ def test_a_user_deactivated_or_with_a_new_password_loses_their_streams_at_once(
         assert each.ended_at[0] - changed < 2
 
 
-# 6. Measurements, not tests: python test_app.py bench|storm ----------------------
+# 6. Keep gunicorn: the project where it already runs ------------------------------------
+
+KEEP_GUNICORN = "Keep gunicorn"
+
+
+def readme_commands(section, program):
+    """The command lines of a README section that start with `program`, as written."""
+    readme = (HERE / "README.md").read_text()
+    text = readme.split(f"\n## {section}\n")[1].split("\n## ")[0]
+    return [shlex.split(line) for line in re.findall(rf"^    ({program} .*)$", text, re.MULTILINE)]
+
+
+def on_ports(command, ports):
+    """`command` with the README's ports 8001, 8002 changed to `ports`."""
+    line = shlex.join(command)
+    for readme_port, port in zip(["8001", "8002"], ports, strict=False):
+        line = line.replace(readme_port, str(port))
+    return shlex.split(line)
+
+
+@pytest.fixture(scope="module")
+def wsgi_shape(events_project, postgresql, tmp_path_factory):
+    """The README's shape, as written: gunicorn's sync workers serve the pages, a Daphne
+    process serves /stream/, nginx sends each its part."""
+    directory = tmp_path_factory.mktemp("wsgi-shape")
+    front, pages_port, streams_port = free_port(), free_port(), free_port()
+    (gunicorn,) = readme_commands(KEEP_GUNICORN, "gunicorn mysite.wsgi")
+    (daphne,) = readme_commands(KEEP_GUNICORN, "daphne")
+    env = {**postgresql.env, **DEPLOYED}
+    pages, streams = (
+        Server(
+            directory,
+            kind,
+            command=on_ports(command, [pages_port, streams_port]),
+            port=port,
+            cwd=events_project,
+            **env,
+        ).start()
+        for kind, command, port in [
+            ("gunicorn", gunicorn, pages_port),
+            ("daphne", daphne, streams_port),
+        ]
+    )
+    nginx = start_nginx(
+        directory, readme_nginx_config([front, pages_port, streams_port], KEEP_GUNICORN)
+    )
+    try:
+        wait_until_listening(front, nginx, log=directory / "error.log")
+        yield SimpleNamespace(url=f"http://127.0.0.1:{front}", pages=pages, streams=streams)
+    finally:
+        nginx.terminate()
+        nginx.wait(10)
+        for server in pages, streams:
+            server.stop()
+    for server in pages, streams:
+        assert "Traceback" not in server.served, server.served
+
+
+def post_on_the_page(page, text):
+    page.fill("#post input[name=text]", text)
+    page.click("#post button")
+
+
+@pytest.mark.gunicorn
+@pytest.mark.browser
+def test_wsgi_pages_and_a_daphne_stream_behind_nginx_work_as_one_site(wsgi_shape, publisher, page):
+    log_in_on_the_page(page, wsgi_shape.url)  # through nginx: gunicorn, then Daphne
+    post_on_the_page(page, "posted to gunicorn")
+    expect(page.locator("#events li")).to_have_count(1, timeout=5000)
+    assert "posted to gunicorn" in page.locator("#events li").first.text_content()
+    wsgi_shape.pages.restart()  # the stream goes on
+    publisher({"while": "gunicorn restarted"})
+    expect(page.locator("#events li")).to_have_count(2, timeout=5000)
+    wsgi_shape.streams.stop()  # the browser comes back, and loses nothing
+    expect(page.locator("#state")).to_have_text("reconnecting", timeout=5000)
+    publisher({"while": "daphne was down"})
+    wsgi_shape.streams.start()
+    expect(page.locator("#events li").first).to_have_text(
+        '{"while": "daphne was down"}', timeout=10000
+    )
+    expect(page.locator("#events li")).to_have_count(3)
+    # Had nginx sent the stream to gunicorn, the page would never have gone live.
+    assert "/admin/" not in wsgi_shape.streams.served + wsgi_shape.streams.log, "streams only"
+
+
+@pytest.mark.gunicorn
+def test_wsgi_pages_keep_answering_with_300_streams_open_through_nginx(wsgi_shape, publisher):
+    cookie = f"Cookie: {session_cookie(wsgi_shape.url)}\r\n"
+    port = int(wsgi_shape.url.rsplit(":", 1)[1])
+
+    async def pages_while_streaming():
+        streams = await open_streams(port, 300, headers=cookie)
+        await until(lambda: all(len(each.arrivals) >= 1 for each in streams), 20)
+        async with httpx.AsyncClient(base_url=wsgi_shape.url, timeout=5) as http:
+            statuses = [(await http.get("/admin/login/")).status_code for _ in range(20)]
+        await asyncio.to_thread(publisher, {"to": "all 300"})
+        await until(lambda: all(len(each.arrivals) >= 2 for each in streams), 10)
+        for each in streams:
+            each.transport.close()
+        return statuses, {each.status for each in streams}
+
+    statuses, stream_statuses = run(pages_while_streaming())
+    assert statuses == [200] * 20 and stream_statuses == {200}
+
+
+@pytest.mark.gunicorn
+def test_asgi_under_gunicorn_with_4_uvicorn_workers_loses_nothing_and_stops_in_time(
+    events_project, postgresql, publisher, tmp_path
+):
+    (command,) = readme_commands(KEEP_GUNICORN, "gunicorn mysite.asgi:application")
+    port = free_port()
+    server = Server(
+        tmp_path,
+        "gunicorn",
+        command=[*command, "--bind", f"127.0.0.1:{port}"],
+        port=port,
+        cwd=events_project,
+        **postgresql.env,
+        **DEPLOYED,
+    ).start()
+    cookie = session_cookie(server.url)
+    followers = [Follower([server.url], cookie, retry=0.05) for _ in range(12)]
+    with following(followers), logged_in(server.url) as http:
+        for number in range(12):
+            followers[number].hang_up()  # back on whichever worker takes it
+            if number % 3:
+                publisher({"number": number})
+            else:
+                post_from_the_view(http, str(number))
+        publish_with_command(events_project, postgresql, {"last": True})
+        eventually(lambda: all({"last": True} in each.data for each in followers), 10)
+        stopping = time.monotonic()
+        server.stop(timeout=20)  # with every stream open
+        stopped_in = time.monotonic() - stopping
+    workers = {line for line in server.served.splitlines() if "Booting worker with pid" in line}
+    assert len(workers) == 4
+    for each in followers:
+        expected = owed(postgresql, each.first_id, {"*"})
+        assert each.ids == [position for position, _ in expected]
+    assert stopped_in < 5 + 3, "--graceful-timeout bounds the wait for open streams"
+    assert "Traceback" not in server.served, server.served
+
+
+# 7. Measurements, not tests: python test_app.py bench|storm ----------------------
 
 # The ceiling for Python: the same stream (shared clock, bytes, chunked HTTP/1.1, retry,
 # resume) from asyncio alone, with no framework and no server library.
