@@ -7,17 +7,22 @@
    behind the README's nginx configuration too.
 4. Your own project: `django-admin startproject`, the README's files added as they are.
 5. Your own events: the next chapter's files added to that project, on a PostgreSQL
-   started here, with two Daphne processes.
+   started here, with two Daphne processes: every event to every stream it is for, the
+   edges of a real deployment, and events for whom they are meant.
+6. Keep gunicorn: that project's pages under gunicorn beside a Daphne for its streams,
+   behind the README's nginx block, and the project on gunicorn's uvicorn workers.
 
-Run: pytest            one layer: pytest -m in_process|real_server|browser|own_project|events
+Run: pytest    one layer: pytest -m in_process|real_server|browser|own_project|events|gunicorn
 Measure: python test_app.py bench [STREAMS] [--server daphne|uvicorn|hypercorn|granian]
          python test_app.py storm [CLIENTS]
          python test_app.py bench-events [STREAMS]
+         python test_app.py bench-deploy [STREAMS]
 """
 
 import asyncio
 import contextlib
 import datetime
+import functools
 import gc
 import importlib.metadata
 import importlib.util
@@ -37,7 +42,6 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from itertools import cycle, islice, pairwise
 from pathlib import Path
 from types import SimpleNamespace
@@ -63,6 +67,17 @@ import app
 HERE = Path(__file__).resolve().parent
 CI = os.environ.get("CI") == "true"
 EVENT = re.compile(rb"id: (\d+)\ndata: (\S+) (\d+)\n\n")
+
+
+def layer(*names, group=None):
+    """Marks a test with its layers, so that `pytest -m NAME` runs one alone, and with the
+    group that pytest-xdist runs on one worker, where its servers and database start once:
+    its first layer's, unless `group` names another."""
+    marks = [
+        *(getattr(pytest.mark, name) for name in names),
+        pytest.mark.xdist_group(group or names[0]),
+    ]
+    return lambda test: functools.reduce(lambda marked, mark: mark(marked), marks, test)
 
 
 # 1. In-process ----------------------------------------------------------------
@@ -127,7 +142,7 @@ async def first_ids(count=1, **headers):
     return [int(EVENT.fullmatch(chunk)[1]) for chunk in chunks[1:]]
 
 
-@pytest.mark.in_process
+@layer("in_process")
 @pytest.mark.anyio
 async def test_stream_is_an_uncached_unbuffered_event_stream(fast):
     response = await client().get("/stream/", headers={"accept-encoding": "gzip, br"})
@@ -140,7 +155,7 @@ async def test_stream_is_an_uncached_unbuffered_event_stream(fast):
     assert not response.has_header("Content-Encoding")
 
 
-@pytest.mark.in_process
+@layer("in_process")
 @pytest.mark.anyio
 async def test_stream_sends_retry_once_then_numbered_events(fast):
     response = await client().get("/stream/")
@@ -154,7 +169,7 @@ async def test_stream_sends_retry_once_then_numbered_events(fast):
     assert {m[2].decode() for m in parsed} <= set("🚀🐎🌅🦾🍇")
 
 
-@pytest.mark.in_process
+@layer("in_process")
 @pytest.mark.anyio
 async def test_retry_is_random_so_a_crowd_does_not_come_back_at_once(fast):
     retries = set()
@@ -164,7 +179,7 @@ async def test_retry_is_random_so_a_crowd_does_not_come_back_at_once(fast):
     assert len(retries) >= 5, retries
 
 
-@pytest.mark.in_process
+@layer("in_process")
 @pytest.mark.anyio
 async def test_first_event_goes_out_at_once(monkeypatch):
     monkeypatch.setattr(app, "SSE_INTERVAL", 60)
@@ -183,7 +198,7 @@ def is_connected(signal, receiver):
     return connected
 
 
-@pytest.mark.in_process
+@layer("in_process")
 def test_django_keeps_its_request_receivers():
     """Closing stale database connections and resetting the query log run as shipped."""
     assert is_connected(request_started, reset_queries)
@@ -191,7 +206,7 @@ def test_django_keeps_its_request_receivers():
     assert is_connected(request_finished, close_old_connections)
 
 
-@pytest.mark.in_process
+@layer("in_process")
 def test_one_clock_serves_several_event_loops_at_once(fast):
     """As under WSGI, where each request runs an event loop of its own."""
 
@@ -222,14 +237,14 @@ BAD_LAST_EVENT_IDS = [
 ]
 
 
-@pytest.mark.in_process
+@layer("in_process")
 @pytest.mark.anyio
 @pytest.mark.parametrize("value, next_id", GOOD_LAST_EVENT_IDS.items())
 async def test_last_event_id_of_ascii_digits_resumes_after_it(fast, value, next_id):
     assert await first_ids(2, last_event_id=value) == [next_id, next_id + 1]
 
 
-@pytest.mark.in_process
+@layer("in_process")
 @pytest.mark.anyio
 @pytest.mark.parametrize("value", BAD_LAST_EVENT_IDS)
 async def test_any_other_last_event_id_starts_fresh(fast, value):
@@ -242,14 +257,14 @@ async def first_ids_from_query(value):
     return [int(EVENT.fullmatch(chunk)[1]) for chunk in (await first_chunks(response, 2))[1:]]
 
 
-@pytest.mark.in_process
+@layer("in_process")
 @pytest.mark.anyio
 @pytest.mark.parametrize("value", BAD_LAST_EVENT_IDS)
 async def test_any_other_last_event_id_in_the_query_starts_fresh(fast, value):
     assert await first_ids_from_query(value) == [0]
 
 
-@pytest.mark.in_process
+@layer("in_process")
 @pytest.mark.anyio
 async def test_query_string_resumes_a_new_eventsource_but_the_header_wins(fast):
     response = await client().get("/stream/", {"lastEventId": "41"})
@@ -260,7 +275,7 @@ async def test_query_string_resumes_a_new_eventsource_but_the_header_wins(fast):
     assert EVENT.fullmatch((await first_chunks(response, 2))[1])[1] == b"8"
 
 
-@pytest.mark.in_process
+@layer("in_process")
 @pytest.mark.anyio
 @pytest.mark.parametrize("method", ["post", "put", "patch", "delete", "head"])
 async def test_stream_answers_other_methods_with_405(method):
@@ -276,13 +291,13 @@ def asgi_get(path, host=b"localhost"):
     return ApplicationCommunicator(app.application, scope)
 
 
-@pytest.mark.in_process
+@layer("in_process")
 @pytest.mark.anyio
 async def test_unknown_path_is_404():
     assert (await client().get("/nope/")).status_code == 404
 
 
-@pytest.mark.in_process
+@layer("in_process")
 @pytest.mark.anyio
 @pytest.mark.parametrize("path", ["/", "/stream/"])
 async def test_host_outside_allowed_hosts_is_400(path):
@@ -291,7 +306,7 @@ async def test_host_outside_allowed_hosts_is_400(path):
     assert (await connection.receive_output(1))["status"] == 400
 
 
-@pytest.mark.in_process
+@layer("in_process")
 @pytest.mark.anyio
 async def test_page_runs_only_its_own_script_and_refuses_framing():
     first, second = await client().get("/"), await client().get("/")
@@ -308,7 +323,7 @@ async def test_page_runs_only_its_own_script_and_refuses_framing():
     assert first["Referrer-Policy"] == "same-origin"
 
 
-@pytest.mark.in_process
+@layer("in_process")
 @pytest.mark.anyio
 async def test_page_names_its_own_icon_so_browsers_ask_for_no_favicon():
     page = await client().get("/")
@@ -316,7 +331,7 @@ async def test_page_names_its_own_icon_so_browsers_ask_for_no_favicon():
     assert "img-src data:" in page["Content-Security-Policy"]
 
 
-@pytest.mark.in_process
+@layer("in_process")
 @pytest.mark.anyio
 async def test_client_going_away_cancels_the_stream_and_is_logged(fast, app_log):
     connection = asgi_get("/stream/")
@@ -332,7 +347,7 @@ async def test_client_going_away_cancels_the_stream_and_is_logged(fast, app_log)
     assert re.search(r"client went away before id \d+", app_log.text)
 
 
-@pytest.mark.in_process
+@layer("in_process")
 @pytest.mark.anyio
 async def test_stream_ends_cleanly_after_max_age(fast, monkeypatch, app_log):
     monkeypatch.setattr(app, "SSE_MAX_AGE", 0.1)  # ten ticks of 10 ms
@@ -345,7 +360,7 @@ async def test_stream_ends_cleanly_after_max_age(fast, monkeypatch, app_log):
     assert taken_places() == 0
 
 
-@pytest.mark.in_process
+@layer("in_process")
 @pytest.mark.anyio
 async def test_streams_that_began_together_end_apart(fast, monkeypatch):
     """Else a crowd that came back together would end, and come back, together forever."""
@@ -385,7 +400,7 @@ async def disconnect(*connections):
         await connection.wait(1)
 
 
-@pytest.mark.in_process
+@layer("in_process")
 @pytest.mark.anyio
 async def test_cap_holds_for_requests_that_arrive_together(
     fast, monkeypatch, middleware_that_awaits
@@ -410,7 +425,7 @@ async def test_cap_holds_for_requests_that_arrive_together(
     assert taken_places() == 0  # each place freed, and only once
 
 
-@pytest.mark.in_process
+@layer("in_process")
 @pytest.mark.anyio
 async def test_a_refused_stream_is_not_logged_as_an_error_but_a_failure_is(monkeypatch, app_log):
     cap_streams_at(monkeypatch, 0)
@@ -426,7 +441,7 @@ async def test_a_refused_stream_is_not_logged_as_an_error_but_a_failure_is(monke
     assert [record.name for record in errors] == ["django.request"]
 
 
-@pytest.mark.in_process
+@layer("in_process")
 def test_places_freed_in_any_thread_leave_the_cap_exact():
     """A place is freed by whichever thread collects it: the count is a semaphore."""
 
@@ -443,7 +458,7 @@ def test_places_freed_in_any_thread_leave_the_cap_exact():
     assert taken_places() == 0
 
 
-@pytest.mark.in_process
+@layer("in_process")
 @pytest.mark.anyio
 async def test_a_stream_that_never_began_frees_its_place(fast, middleware_that_awaits):
     connection = asgi_get("/stream/")
@@ -463,7 +478,7 @@ ANY_LAST_EVENT_ID = (
 )
 
 
-@pytest.mark.in_process
+@layer("in_process")
 @pytest.mark.anyio
 @settings(max_examples=200, deadline=None)
 @given(value=ANY_LAST_EVENT_ID)
@@ -472,7 +487,7 @@ async def test_last_event_id_rule_holds_for_any_value(value):
     assert await first_ids(1, last_event_id=value) == [int(value) + 1 if resumes else 0]
 
 
-@pytest.mark.in_process
+@layer("in_process")
 @pytest.mark.anyio
 @settings(max_examples=200, deadline=None)
 @given(value=ANY_LAST_EVENT_ID.filter(lambda value: "\x00" not in value))
@@ -739,7 +754,7 @@ def any_server(request, tmp_path_factory):
     assert "Traceback" not in shared.served, shared.served
 
 
-@pytest.mark.real_server
+@layer("real_server")
 def test_any_server_serves_the_page_and_an_uncached_unbuffered_stream(any_server):
     page = httpx.get(any_server.url + "/", timeout=5)
     assert page.status_code == 200 and 'id="sse-data"' in page.text
@@ -760,7 +775,7 @@ def test_any_server_serves_the_page_and_an_uncached_unbuffered_stream(any_server
     ]
 
 
-@pytest.mark.real_server
+@layer("real_server")
 def test_any_server_sends_events_one_by_one_not_in_a_batch(any_server):
     arrivals = []
     with (
@@ -773,13 +788,13 @@ def test_any_server_sends_events_one_by_one_not_in_a_batch(any_server):
     assert all(gap > 0.05 for gap in gaps), gaps  # SSE_INTERVAL is 0.1 s
 
 
-@pytest.mark.real_server
+@layer("real_server")
 def test_any_server_resumes_after_last_event_id(any_server):
     events = read_events(any_server.url, 2, last_event_id="41")
     assert [event.id for event in events] == ["42", "43"]
 
 
-@pytest.mark.real_server
+@layer("real_server")
 def test_any_server_ends_the_stream_when_the_client_goes_with_one_log_line(any_server):
     read_events(any_server.url, 2, last_event_id="900000")  # ids no other test sees
     any_server.wait_for_log("client went away before id 9000", timeout=5)
@@ -787,7 +802,7 @@ def test_any_server_ends_the_stream_when_the_client_goes_with_one_log_line(any_s
     assert any_server.log.count("client went away before id 9000") == 1  # once, not twice
 
 
-@pytest.mark.real_server
+@layer("real_server")
 @pytest.mark.parametrize("kind", SERVERS)
 def test_any_server_refuses_past_the_cap_and_stops_with_streams_open(tmp_path, kind):
     # Hypercorn on Python 3.12+ waits for every open connection, whatever its
@@ -824,7 +839,7 @@ def test_any_server_refuses_past_the_cap_and_stops_with_streams_open(tmp_path, k
     assert server.process.returncode is not None
 
 
-@pytest.mark.real_server
+@layer("real_server")
 def test_resume_across_a_server_restart(daphne):
     server = daphne(SSE_INTERVAL="0.1")
     last_id = read_events(server.url, 3)[-1].id
@@ -835,7 +850,7 @@ def test_resume_across_a_server_restart(daphne):
     ]
 
 
-@pytest.mark.real_server
+@layer("real_server")
 def test_python_app_py_runserver_serves_through_daphne(tmp_path):
     port = free_port()
     with open(tmp_path / "runserver.log", "wb") as log:
@@ -858,7 +873,7 @@ def test_python_app_py_runserver_serves_through_daphne(tmp_path):
         runserver.wait(10)
 
 
-@pytest.mark.real_server
+@layer("real_server")
 def test_open_streams_hold_no_thread_and_leave_nothing_behind(daphne):
     """Three rounds of 500 streams, each dropped at once: no thread opens, holds or
     closes a stream, every stream ends on the server, the count of open streams returns
@@ -890,7 +905,7 @@ def test_open_streams_hold_no_thread_and_leave_nothing_behind(daphne):
     run(rounds())
 
 
-@pytest.mark.real_server
+@layer("real_server")
 def test_max_age_ends_the_stream_and_last_event_id_goes_on(daphne):
     server = daphne(SSE_INTERVAL="0.05", SSE_MAX_AGE="0.3")
     with httpx.Client(timeout=5) as http:
@@ -926,7 +941,7 @@ application = app.application
 """
 
 
-@pytest.mark.real_server
+@layer("real_server")
 def test_failures_are_logged_and_a_stream_that_fails_ends_cleanly(tmp_path):
     (tmp_path / "failing_app.py").write_text(FAILING_APP)
     server = Server(
@@ -1026,7 +1041,7 @@ def storm(server, clients, seconds):
     return run(main())
 
 
-@pytest.mark.real_server
+@layer("real_server")
 def test_reconnect_storm_loses_nothing(daphne):
     server = daphne(
         endpoint="tcp:port={port}:interface=127.0.0.1:backlog=4096", SSE_INTERVAL="0.5"
@@ -1076,20 +1091,20 @@ def hostile_request(method, target, headers):
     return request.replace(b"\r\n\r\n\r\n", b"\r\n\r\n")
 
 
-@pytest.mark.real_server
+@layer("real_server")
 @pytest.mark.parametrize("method, target, headers", HOSTILE_REQUESTS)
 def test_hostile_requests_get_an_answer_below_500(server, method, target, headers):
     assert answer_status(server.port, hostile_request(method, target, headers)) < 500
 
 
-@pytest.mark.real_server
+@layer("real_server")
 @pytest.mark.parametrize("host", [b"evil.example", b"127.0.0.1:1@evil.example", b""])
 def test_unknown_host_gets_400_from_a_real_server(server, host):
     request = b"GET /stream/ HTTP/1.1\r\nHost: %s\r\n\r\n" % host
     assert answer_status(server.port, request) == 400
 
 
-@pytest.mark.real_server
+@layer("real_server")
 def test_server_is_unharmed_by_hostile_requests(daphne):
     server = daphne(SSE_INTERVAL="0.1")
     for method, target, headers in HOSTILE_REQUESTS:
@@ -1111,14 +1126,14 @@ def raw_answer(port, request):
     return answer
 
 
-@pytest.mark.real_server
+@layer("real_server")
 def test_one_header_line_over_16_kb_gets_a_hang_up_without_an_answer(server):
     big = b"GET /stream/ HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: %b\r\n\r\n" % (b"a" * 17_000)
     assert raw_answer(server.port, big) == b""
     assert [event.id for event in read_events(server.url, 2)] == ["0", "1"]
 
 
-@pytest.mark.real_server
+@layer("real_server")
 def test_header_lines_over_16_kb_in_all_get_400(server):
     lines = b"".join(b"X-Line-%d: %b\r\n" % (n, b"a" * 1000) for n in range(20))
     answer = raw_answer(server.port, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n%b\r\n" % lines)
@@ -1190,7 +1205,7 @@ def wait_for_id(page, event_id):
     )
 
 
-@pytest.mark.browser
+@layer("browser")
 def test_browser_start_shows_events_live(server, page):
     page.goto(server.url)
     assert page.locator("#state").text_content() == "stopped"
@@ -1206,7 +1221,7 @@ def test_browser_start_shows_events_live(server, page):
     assert page.locator("[aria-live]").count() == 0
 
 
-@pytest.mark.browser
+@layer("browser")
 def test_browser_stop_closes_the_stream(server, page):
     page.goto(server.url)
     page.click("#start")
@@ -1224,7 +1239,7 @@ def test_browser_stop_closes_the_stream(server, page):
     assert shown_ids(page) == list(range(shown[-1] + 3))
 
 
-@pytest.mark.browser
+@layer("browser")
 def test_browser_resumes_across_a_server_restart_with_no_gap(daphne, page):
     server = daphne(SSE_INTERVAL="0.2")
     page.goto(server.url)
@@ -1240,7 +1255,7 @@ def test_browser_resumes_across_a_server_restart_with_no_gap(daphne, page):
     assert page.locator("#state").text_content() == "live"
 
 
-@pytest.mark.browser
+@layer("browser")
 def test_browser_goes_on_across_max_age_with_no_gap(daphne, page):
     server = daphne(SSE_INTERVAL="0.1", SSE_MAX_AGE="1")
     page.goto(server.url)
@@ -1250,7 +1265,7 @@ def test_browser_goes_on_across_max_age_with_no_gap(daphne, page):
     assert len(ids) >= 10 and ids == list(range(len(ids))), ids  # each stream: 5-10 ids
 
 
-@pytest.mark.browser
+@layer("browser")
 def test_browser_says_busy_and_tries_again_by_itself(daphne, page):
     server = daphne(SSE_INTERVAL="0.1", SSE_MAX_STREAMS="1")
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as other:
@@ -1284,7 +1299,7 @@ def wait_for_asks(page, asked, count, timeout=10):
         page.wait_for_timeout(50)
 
 
-@pytest.mark.browser
+@layer("browser")
 def test_browser_waits_as_long_as_retry_after_says_then_longer(server, page):
     asked = answer_every_stream_with(page, 503, {"Retry-After": "1"})
     page.goto(server.url)
@@ -1295,7 +1310,7 @@ def test_browser_waits_as_long_as_retry_after_says_then_longer(server, page):
     assert 0.95 < first < 1.6 and 1.95 < second < 3.1, (first, second)
 
 
-@pytest.mark.browser
+@layer("browser")
 def test_browser_waits_a_minute_at_most(server, page):
     answer_every_stream_with(page, 503, {"Retry-After": "3600"})
     page.goto(server.url)
@@ -1303,7 +1318,7 @@ def test_browser_waits_a_minute_at_most(server, page):
     expect(page.locator("#state")).to_have_text("server busy, trying again in 60 s")
 
 
-@pytest.mark.browser
+@layer("browser")
 def test_browser_stop_cancels_the_next_try_and_forgets_the_back_off(server, page):
     asked = answer_every_stream_with(page, 503, {"Retry-After": "1"})
     page.goto(server.url)
@@ -1318,7 +1333,7 @@ def test_browser_stop_cancels_the_next_try_and_forgets_the_back_off(server, page
     expect(page.locator("#state")).to_have_text("server busy, trying again in 1 s")
 
 
-@pytest.mark.browser
+@layer("browser")
 @pytest.mark.parametrize(
     "status, shown, tries_again",
     [
@@ -1339,7 +1354,7 @@ def test_browser_tells_other_answers_from_a_busy_server(server, page, status, sh
     assert len(asked) == (2 if tries_again else 1)
 
 
-@pytest.mark.browser
+@layer("browser")
 def test_browser_shows_event_data_as_text_never_html(server, page):
     markup = "<img src=x id=injected> 7"
     page.route(
@@ -1356,7 +1371,7 @@ def test_browser_shows_event_data_as_text_never_html(server, page):
     assert page.locator("#injected").count() == 0
 
 
-@pytest.mark.browser
+@layer("browser")
 def test_browser_keeps_only_the_latest_100_lines(daphne, page):
     server = daphne(SSE_INTERVAL="0.01")
     page.goto(server.url)
@@ -1421,13 +1436,13 @@ def live_streams_of_eight(page, url):
     return sum(count >= 3 for count in page.evaluate("window.received"))
 
 
-@pytest.mark.browser
+@layer("browser")
 def test_browser_holds_at_most_six_streams_over_http_1_1(server, page):
     assert live_streams_of_eight(page, server.url) == 6
     assert page.evaluate("performance.getEntries()[0].nextHopProtocol") == "http/1.1"
 
 
-@pytest.mark.browser
+@layer("browser")
 def test_browser_holds_eight_streams_over_http2(daphne, browser, tmp_path):
     if not all(map(importlib.util.find_spec, ["h2", "OpenSSL", "cryptography"])):
         why = 'no HTTP/2 in Twisted: pip install "twisted[tls,http2]"'
@@ -1451,6 +1466,13 @@ def test_browser_holds_eight_streams_over_http2(daphne, browser, tmp_path):
         assert len(re.findall("client went away", server.log)) == 1
     finally:
         context.close()
+
+
+def readme_commands(section, program):
+    """The command lines of a README section that start with `program`, as written."""
+    readme = (HERE / "README.md").read_text()
+    text = readme.split(f"\n## {section}\n")[1].split("\n## ")[0]
+    return [shlex.split(line) for line in re.findall(rf"^    ({program} .*)$", text, re.MULTILINE)]
 
 
 def readme_nginx_config(ports, section="Several processes behind nginx"):
@@ -1489,18 +1511,16 @@ def open_sockets(process):
     return sum(os.readlink(fd).startswith("socket:") for fd in fds.iterdir())
 
 
-@pytest.mark.browser
 def readme_daphne_behind_nginx():
     """The options and endpoint of the README's Daphne processes behind nginx."""
-    readme = (HERE / "README.md").read_text()
-    command = r"^    (daphne --proxy-headers .*tcp:port=800\d:.* app:application)$"
-    commands = re.findall(command, readme, re.MULTILINE)
+    commands = readme_commands("Several processes behind nginx", "daphne")
     assert len(commands) == 2, commands
-    *options, dash_e, endpoint = shlex.split(commands[0])[1:-1]
+    *options, dash_e, endpoint = commands[0][1:-1]
     assert dash_e == "-e"
     return options, re.sub(r"port=800\d", "port={port}", endpoint)
 
 
+@layer("browser")
 def test_nginx_passes_events_at_once_and_fails_over_without_loss(daphne, page, tmp_path):
     options, endpoint = readme_daphne_behind_nginx()
     backends = [daphne(options=options, endpoint=endpoint, SSE_INTERVAL="0.2") for _ in "12"]
@@ -1650,7 +1670,7 @@ def status_of(url, **headers):
         return response.status_code
 
 
-@pytest.mark.own_project
+@layer("own_project")
 def test_your_project_refuses_an_anonymous_stream_with_403(project_server):
     assert status_of(project_server.url + "/stream/") == 403
 
@@ -1665,7 +1685,7 @@ READ_THREE_EVENTS = """() => new Promise((resolve, reject) => {
 })"""
 
 
-@pytest.mark.own_project
+@layer("own_project")
 def test_your_project_streams_to_a_logged_in_browser(project_server, page):
     page.goto(project_server.url + "/admin/login/")
     page.fill("#id_username", "admin")
@@ -1676,7 +1696,7 @@ def test_your_project_streams_to_a_logged_in_browser(project_server, page):
     assert events == [["0", "admin 0"], ["1", "admin 1"], ["2", "admin 2"]]
 
 
-@pytest.mark.own_project
+@layer("own_project")
 def test_your_project_holds_300_streams_without_a_thread_each(project_server):
     cookie = f"Cookie: {session_cookie(project_server.url)}\r\n"
     pid = project_server.process.pid
@@ -1703,7 +1723,7 @@ def test_your_project_holds_300_streams_without_a_thread_each(project_server):
     assert peak <= baseline + 1, (baseline, peak)
 
 
-@pytest.mark.own_project
+@layer("own_project")
 def test_your_project_cap_holds_for_requests_that_arrive_together(project, tmp_path):
     (project / "mysite" / "settings_cap_5.py").write_text(
         "from .settings import *\n\nSSE_MAX_STREAMS = 5\n"
@@ -2185,7 +2205,7 @@ class Relay:
 # Every event to every stream it is for: once, in order, across processes and restarts.
 
 
-@pytest.mark.events
+@layer("events")
 def test_events_from_a_sync_view_and_a_command_reach_every_stream_on_both_processes(
     two_processes, events_project, postgresql
 ):
@@ -2216,7 +2236,7 @@ with transaction.atomic():
 """
 
 
-@pytest.mark.events
+@layer("events")
 def test_events_arrive_in_the_order_their_transactions_commit(
     two_processes, events_project, postgresql, publisher
 ):
@@ -2250,7 +2270,7 @@ with transaction.atomic():
 """
 
 
-@pytest.mark.events
+@layer("events")
 def test_a_rolled_back_publish_never_arrives(two_processes, events_project, postgresql, publisher):
     cookie = session_cookie(two_processes[0].url)
     followers = [Follower([server.url], cookie) for server in two_processes]
@@ -2262,7 +2282,7 @@ def test_a_rolled_back_publish_never_arrives(two_processes, events_project, post
         assert each.data == [{"after": 1}]
 
 
-@pytest.mark.events
+@layer("events")
 def test_clients_of_a_killed_process_resume_on_the_other_with_nothing_lost(
     two_processes, postgresql
 ):
@@ -2283,7 +2303,7 @@ def test_clients_of_a_killed_process_resume_on_the_other_with_nothing_lost(
         assert each.streams == 2, "came back once"
 
 
-@pytest.mark.events
+@layer("events")
 def test_300_streams_hold_one_listener_connection_per_process(
     events_project, postgresql, publisher, tmp_path
 ):
@@ -2325,7 +2345,7 @@ def test_300_streams_hold_one_listener_connection_per_process(
 # The edges: nothing lost, no stream left deaf, bad input refused.
 
 
-@pytest.mark.events
+@layer("events", group="events: edges")
 def test_a_stream_gives_its_position_at_once_so_a_drop_before_any_event_loses_nothing(
     two_processes, publisher
 ):
@@ -2359,8 +2379,7 @@ def log_in_on_the_page(page, url):
     expect(page.locator("#state")).to_have_text("live", timeout=5000)
 
 
-@pytest.mark.events
-@pytest.mark.browser
+@layer("events", "browser", group="events: edges")
 def test_the_page_resumes_a_quiet_stream_across_a_restart_with_nothing_lost(
     two_processes, publisher, page
 ):
@@ -2373,7 +2392,7 @@ def test_the_page_resumes_a_quiet_stream_across_a_restart_with_nothing_lost(
     expect(page.locator("#events li")).to_have_text(['{"while away": 1}'], timeout=10000)
 
 
-@pytest.mark.events
+@layer("events", group="events: edges")
 def test_a_listener_connection_that_dies_without_a_word_is_noticed_and_nothing_is_lost(
     events_project, postgresql, publisher, tmp_path
 ):
@@ -2405,7 +2424,7 @@ def test_a_listener_connection_that_dies_without_a_word_is_noticed_and_nothing_i
 LISTENERS = "FROM pg_stat_activity WHERE application_name = 'live listener'"
 
 
-@pytest.mark.events
+@layer("events", group="events: edges")
 def test_a_terminated_listener_connection_loses_nothing(two_processes, postgresql, publisher):
     cookie = session_cookie(two_processes[0].url)
     followers = [Follower([server.url], cookie) for server in two_processes]
@@ -2426,7 +2445,7 @@ def test_a_terminated_listener_connection_loses_nothing(two_processes, postgresq
     )
 
 
-@pytest.mark.events
+@layer("events", group="events: edges")
 def test_a_log_that_went_back_is_told_and_followed_on_every_process(
     events_project, postgresql, publisher, tmp_path
 ):
@@ -2502,7 +2521,7 @@ AFTER_MISSED = """stream = events_for({"*"}, 10**15, feed.last_id)  # a position
     print(json.dumps(await next_batch(stream)))"""
 
 
-@pytest.mark.events
+@layer("events", group="events: edges")
 def test_after_missed_a_stream_goes_on_from_the_position_it_told(events_project, postgresql):
     body = AFTER_MISSED
     told, after = map(
@@ -2523,7 +2542,7 @@ FALLING_BEHIND = """stream = events_for({"*"}, feed.last_id, feed.last_id)
     print(json.dumps(await next_batch(stream)))"""
 
 
-@pytest.mark.events
+@layer("events", group="events: edges")
 def test_a_stream_that_falls_behind_what_the_log_keeps_is_told_so(events_project, postgresql):
     first, after = map(
         json.loads,
@@ -2538,7 +2557,7 @@ def test_a_stream_that_falls_behind_what_the_log_keeps_is_told_so(events_project
     assert len(after) == 1 and "event: missed" in after[0], after[:3]
 
 
-@pytest.mark.events
+@layer("events", group="events: edges")
 def test_a_last_event_id_the_log_no_longer_has_or_never_had_is_told_so(
     events_project, postgresql, publisher, tmp_path
 ):
@@ -2575,7 +2594,7 @@ def test_a_last_event_id_the_log_no_longer_has_or_never_had_is_told_so(
     assert "Traceback" not in server.served, server.served
 
 
-@pytest.mark.events
+@layer("events", group="events: edges")
 def test_with_atomic_requests_a_stream_works_and_a_view_publishes_as_it_commits(
     events_project, postgresql, tmp_path
 ):
@@ -2612,7 +2631,7 @@ BAD_POSTS = {
 }
 
 
-@pytest.mark.events
+@layer("events", group="events: edges")
 def test_bad_input_to_a_view_that_publishes_gets_400_and_no_traceback(two_processes, postgresql):
     before = newest_position(postgresql)
     with logged_in(two_processes[0].url) as http:
@@ -2670,7 +2689,7 @@ print(" ".join(done))
 """
 
 
-@pytest.mark.events
+@layer("events", group="events: edges")
 def test_publishers_that_lock_the_same_row_in_either_order_do_not_deadlock(
     two_processes, events_project, postgresql
 ):
@@ -2703,7 +2722,7 @@ def read_streams_until(url, cookie, positions, last_id=None, timeout=15):
     return bodies, ids
 
 
-@pytest.mark.events
+@layer("events", group="events: edges")
 def test_a_stream_sends_at_most_sse_max_bytes_and_the_browser_comes_back_for_the_rest(
     events_project, postgresql, publisher, tmp_path
 ):
@@ -2728,8 +2747,7 @@ def test_a_stream_sends_at_most_sse_max_bytes_and_the_browser_comes_back_for_the
     assert "at most 65536" in refused.value.stderr
 
 
-@pytest.mark.events
-@pytest.mark.browser
+@layer("events", "browser", group="events: edges")
 def test_a_plain_eventsource_comes_back_by_itself_after_the_log_was_out_of_reach(
     events_project, postgresql, publisher, page, tmp_path
 ):
@@ -2780,7 +2798,7 @@ for number in range(2):  # as tests do, or a server that runs a loop at a time
 """
 
 
-@pytest.mark.events
+@layer("events", group="events: edges")
 def test_each_event_loop_has_a_feed_of_its_own(events_project, postgresql):
     assert in_project(events_project, postgresql, TWO_EVENT_LOOPS) == "1\n1\n"
 
@@ -2807,7 +2825,7 @@ print(sum(places.acquire(blocking=False) for _ in range(settings.SSE_MAX_STREAMS
 """
 
 
-@pytest.mark.events
+@layer("events", group="events: edges")
 def test_your_places_freed_in_any_thread_leave_the_cap_exact(events_project, postgresql):
     assert in_project(events_project, postgresql, PLACES_FREED_IN_OTHER_THREADS) == "1000\n"
 
@@ -2863,7 +2881,7 @@ STEPS = st.lists(
 )
 
 
-@pytest.mark.events
+@layer("events")
 # Each example runs real servers for seconds: a failing one is reported as it is, unshrunk.
 @settings(max_examples=5, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
 @given(steps=STEPS, topics=st.lists(st.sets(st.sampled_from(TOPICS)), min_size=4, max_size=4))
@@ -2917,7 +2935,7 @@ def test_each_client_gets_exactly_the_events_for_it_and_none_of_anyone_elses(
         assert "missed" not in [kind for _, kind, _ in each.events]
 
 
-@pytest.mark.events
+@layer("events")
 def test_a_stream_is_its_users_and_follows_only_topics_they_may(two_processes, people, publisher):
     cookies, users, _ = people
     url = two_processes[0].url + "/stream/"
@@ -2951,7 +2969,7 @@ BAD_STREAM_QUERIES = {
 }
 
 
-@pytest.mark.events
+@layer("events")
 def test_bad_input_to_a_stream_gets_400_and_no_traceback(two_processes, people):
     cookies, _, _ = people
     url = two_processes[1].url + "/stream/?"
@@ -2981,7 +2999,7 @@ for data in [float("nan"), {1, 2}, b"bytes"]:
 """
 
 
-@pytest.mark.events
+@layer("events")
 def test_publish_refuses_what_is_not_an_address_or_json(events_project, postgresql):
     before = newest_position(postgresql)
     output = in_project(events_project, postgresql, BAD_ADDRESSES).splitlines()
@@ -2992,8 +3010,7 @@ def test_publish_refuses_what_is_not_an_address_or_json(events_project, postgres
 LOG_OUT = "#logout-form button"
 
 
-@pytest.mark.events
-@pytest.mark.browser
+@layer("events", "browser")
 def test_logging_out_ends_the_users_stream_on_the_other_process_within_2_s(two_processes, page):
     one, other = two_processes
     log_in_on_the_page(page, other.url)
@@ -3013,7 +3030,7 @@ User.objects.get(username="{person}").groups.remove(Group.objects.get(name="{gro
 """
 
 
-@pytest.mark.events
+@layer("events")
 def test_leaving_a_group_stops_its_events_on_every_process_within_2_s(
     two_processes, events_project, postgresql, publisher, tmp_path_factory
 ):
@@ -3039,7 +3056,7 @@ user.save()
 """
 
 
-@pytest.mark.events
+@layer("events")
 @pytest.mark.parametrize(
     "change", ["user.is_active = False", "user.set_password('another password for a test')"]
 )
@@ -3060,13 +3077,6 @@ def test_a_user_deactivated_or_with_a_new_password_loses_their_streams_at_once(
 # 6. Keep gunicorn: the project where it already runs ------------------------------------
 
 KEEP_GUNICORN = "Keep gunicorn"
-
-
-def readme_commands(section, program):
-    """The command lines of a README section that start with `program`, as written."""
-    readme = (HERE / "README.md").read_text()
-    text = readme.split(f"\n## {section}\n")[1].split("\n## ")[0]
-    return [shlex.split(line) for line in re.findall(rf"^    ({program} .*)$", text, re.MULTILINE)]
 
 
 def on_ports(command, ports):
@@ -3120,8 +3130,7 @@ def post_on_the_page(page, text):
     page.click("#post button")
 
 
-@pytest.mark.gunicorn
-@pytest.mark.browser
+@layer("gunicorn", "browser")
 def test_wsgi_pages_and_a_daphne_stream_behind_nginx_work_as_one_site(wsgi_shape, publisher, page):
     log_in_on_the_page(page, wsgi_shape.url)  # through nginx: gunicorn, then Daphne
     post_on_the_page(page, "posted to gunicorn")
@@ -3142,7 +3151,7 @@ def test_wsgi_pages_and_a_daphne_stream_behind_nginx_work_as_one_site(wsgi_shape
     assert "/admin/" not in wsgi_shape.streams.served + wsgi_shape.streams.log, "streams only"
 
 
-@pytest.mark.gunicorn
+@layer("gunicorn")
 def test_wsgi_pages_keep_answering_with_300_streams_open_through_nginx(wsgi_shape, publisher):
     cookie = f"Cookie: {session_cookie(wsgi_shape.url)}\r\n"
     port = int(wsgi_shape.url.rsplit(":", 1)[1])
@@ -3162,7 +3171,7 @@ def test_wsgi_pages_keep_answering_with_300_streams_open_through_nginx(wsgi_shap
     assert statuses == [200] * 20 and stream_statuses == {200}
 
 
-@pytest.mark.gunicorn
+@layer("gunicorn")
 def test_asgi_under_gunicorn_with_4_uvicorn_workers_loses_nothing_and_stops_in_time(
     events_project, postgresql, publisher, tmp_path
 ):
@@ -3513,9 +3522,9 @@ def bench(streams=4000, server="daphne", hold=20.0, max_age=20):
             else:
                 command = bench_command(server, applications[name], port)
             if phase == "held":
-                measurement = partial(load, port=port, streams=streams, hold=hold)
+                measurement = functools.partial(load, port=port, streams=streams, hold=hold)
             else:
-                measurement = partial(turnover, port=port, clients=streams)
+                measurement = functools.partial(turnover, port=port, clients=streams)
             log_path = logs / f"{name.split()[0]}-{phase}.log"
             results[name] = measure(command, port, log_path, measurement, SSE_MAX_AGE=str(age))
     versions = f"Python {sys.version.split()[0]}, Django {django.__version__}, {server} " + (
@@ -3652,7 +3661,10 @@ def run_events_load(root, database, env, streams):
             loop = asyncio.get_running_loop()
             clients = []
             for index in range(streams):
-                server, made = servers[index % 2], partial(EventCounter, request[index % 2])
+                server, made = (
+                    servers[index % 2],
+                    functools.partial(EventCounter, request[index % 2]),
+                )
                 _, client = await loop.create_connection(made, "127.0.0.1", server.port)
                 clients.append(client)
                 await asyncio.sleep(max(5, streams / 800) / streams)
