@@ -30,6 +30,7 @@ import ipaddress
 import json
 import logging
 import os
+import random
 import re
 import resource
 import shlex
@@ -3574,7 +3575,7 @@ def storm_report(clients=3000, seconds=40):
 
 
 class EventCounter(Listener):
-    """A load client for one stream of the log: each id, and when it arrived."""
+    """A load client for one stream of the log: each id with data, and when it arrived."""
 
     def __init__(self, request):
         super().__init__(request)
@@ -3587,160 +3588,381 @@ class EventCounter(Listener):
         self.buffer += data
         *whole, self.buffer = self.buffer.split(b"\n\n")
         arrived = time.time()
-        for event_id in re.findall(rb"^id: (\d+)$", b"\n".join(whole), re.MULTILINE):
+        for event_id in re.findall(rb"^id: (\d+)\ndata:", b"\n\n".join(whole), re.MULTILINE):
             self.ids.append(int(event_id))
             self.times.append(arrived)
 
 
-PUBLISH_FOR_30_S_THEN_200 = """
-started = time.time()
-for number in range(30):
-    time.sleep(max(0, started + number - time.time()))
-    at = time.time()
-    print(publish({"number": number}).id, at, flush=True)
-print("burst", time.time(), flush=True)
-for number in range(200):
-    print(publish({"burst": number}).id, time.time(), flush=True)
+READERS = """import json
+from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY
+from django.contrib.auth.models import User
+from django.contrib.sessions.backends.db import SessionStore
+
+User.objects.bulk_create([User(username=f"reader{number}") for number in range(COUNT)])
+sessions = []
+for user in User.objects.filter(username__startswith="reader").order_by("pk"):
+    session = SessionStore()  # as login() makes it
+    session[SESSION_KEY] = str(user.pk)
+    session[BACKEND_SESSION_KEY] = "django.contrib.auth.backends.ModelBackend"
+    session[HASH_SESSION_KEY] = user.get_session_auth_hash()
+    session.create()
+    sessions.append((user.username, session.session_key))
+print(json.dumps(sessions))
 """
+
+# Lines on stdin: [data, username or null]; on stdout: the position, and when it was sent.
+TIMED_PUBLISHER = """import json, sys, time
+from django.contrib.auth.models import User
+from live.events import publish
+
+for line in sys.stdin:
+    data, username = json.loads(line)
+    event = publish(data, User.objects.get(username=username) if username else None)
+    event.refresh_from_db()
+    print(event.position, time.time(), flush=True)
+"""
+
+PUBLISHING_RATE = """import multiprocessing, time
+from django.db import connection, transaction
+from live.events import publish
+
+
+def publisher(work, seconds=5):
+    after, locked = work
+    count, stop = 0, time.monotonic() + seconds
+    while time.monotonic() < stop:
+        with transaction.atomic():
+            if locked:  # as the chapter once had it: taken in publish(), held to commit
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT pg_advisory_xact_lock(7400001)")
+            publish({"rate": count})
+            time.sleep(after)  # the caller's transaction goes on after publish()
+        count += 1
+    connection.close()
+    return count
+
+
+for publishers, after, locked in CASES:
+    with multiprocessing.get_context("fork").Pool(publishers) as pool:
+        started = time.monotonic()
+        counts = pool.map(publisher, [(after, locked)] * publishers)
+    print(publishers, after, locked, sum(counts) / (time.monotonic() - started), flush=True)
+"""
+RATE_CASES = [  # publishers, seconds their transactions go on after publish(), old lock
+    (1, 0, False),
+    (4, 0, False),
+    (8, 0, False),
+    (16, 0, False),
+    (32, 0, False),
+    (4, 0.05, False),
+    (4, 0.05, True),
+]
+
+
+def percentile(values, share):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * share))]
 
 
 def bench_events(streams=3000):
-    """The chapter's project on a PostgreSQL of its own: two Daphne processes, `streams`
-    streams split between them, 1 event a second for 30 s, then 200 as fast as they go;
-    then a LISTEN connection per stream, as popular tutorials do, beside it."""
+    """The chapter's project on a PostgreSQL of its own, two Daphne processes and a reader
+    for each stream, one user each: events for everyone, for one user, during a reconnect
+    storm; publishing rates; clients that never read; then a LISTEN connection per stream,
+    as popular tutorials do, beside it."""
     root = Path(tempfile.mkdtemp(prefix="sse-bench-events-"))
-    database = PostgreSQL().start()
+    database = PostgreSQL().start()  # fsync and synchronous commits on, as deployed
     try:
-        database.sql("CREATE DATABASE mysite", dbname="postgres")
-        env = database.env
-        chapters = {OWN_PROJECT: OWN_PROJECT_FILES, EVENTS: EVENTS_FILES}
-        (root / "project").mkdir()
-        make_project(root / "project", chapters, **env)
-        manage(root / "project", "publish", '"before"', **env)
-        # An application's own role, not a superuser: the slots kept for superusers stay free.
-        for statement in (
-            "CREATE ROLE app LOGIN",
-            "GRANT ALL ON ALL TABLES IN SCHEMA public TO app",
-            "GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO app",
-        ):
-            database.sql(statement)
-        (root / "project" / "mysite" / "settings_bench.py").write_text(
-            "from .settings import *  # noqa\n\nSSE_MAX_STREAMS = 1_000_000  # capacity, not the cap\n"
-        )
-        env = {**env, "PGUSER": "app", "DJANGO_SETTINGS_MODULE": "mysite.settings_bench"}
-        figures = run_events_load(root, database, env, streams)
+        project, env, sessions = bench_project(root, database, streams)
+        figures = run_events_load(root, project, database, env, sessions)
+        figures.update(publishing_rates(project, database, env))
+        figures.update(stalled_clients(root, project, database, env, sessions))
         print(
-            f"\n{streams} streams on two Daphne processes, the log in PostgreSQL "
+            f"\n{streams} streams, a user each, on two Daphne processes; the log in PostgreSQL "
             f"{database.version}; Python {sys.version.split()[0]}, Django {django.__version__}"
         )
         for name, value in figures.items():
-            print(f"{name:34}{figure(value):>10}")
+            print(f"{name:58}{figure(value):>12}")
         print(
             "\nA LISTEN connection per stream, as popular tutorials do "
             f"(max_connections = {database.sql('SHOW max_connections')[0][0]}):"
         )
-        for name, value in per_stream_listen(root, database, env).items():
-            print(f"{name:34}{value}")
+        for name, value in per_stream_listen(root, project, env).items():
+            print(f"{name:38}{value}")
         print(f"logs: {root}")
     finally:
         database.stop()
 
 
-def run_events_load(root, database, env, streams):
-    import psycopg
+def bench_project(root, database, readers):
+    """The chapters' project on `database`, served as deployed with no cap, through an
+    application role (not a superuser: the connection slots kept for superusers stay
+    free), and `readers` users logged in; its settings' environment and their sessions."""
+    database.sql("CREATE DATABASE mysite", dbname="postgres")
+    project = make_events_project(root / "project", database)
+    for statement in (
+        "CREATE ROLE app LOGIN",
+        "GRANT ALL ON ALL TABLES IN SCHEMA public TO app",
+        "GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO app",
+    ):
+        database.sql(statement)
+    (project / "mysite" / "settings_bench.py").write_text(
+        "from .settings_deployed import *  # noqa\n\n"
+        "SSE_MAX_STREAMS = 1_000_000  # capacity, not the cap\n"
+    )
+    env = {**database.env, "PGUSER": "app", "DJANGO_SETTINGS_MODULE": "mysite.settings_bench"}
+    code = READERS.replace("COUNT", str(readers))
+    return project, env, json.loads(in_project(project, database, code, **env))
 
+
+def run_events_load(root, project, database, env, sessions):
     endpoint = "tcp:port={port}:interface=127.0.0.1:backlog=8192"
-    servers = two_daphnes(root, root / "project", env, endpoint=endpoint)
-    try:
-        cookie = f"Cookie: {session_cookie(servers[0].url)}\r\n"
-        request = [
-            f"GET /stream/ HTTP/1.1\r\nHost: 127.0.0.1\r\n{cookie}\r\n".encode() for _ in servers
-        ]
+    servers = two_daphnes(root, project, env, endpoint=endpoint)
+    publisher = subprocess.Popen(
+        [sys.executable, "manage.py", "shell", "--no-imports", "-c", TIMED_PUBLISHER],
+        cwd=project,
+        env={**os.environ, **env},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    meant_for = {}  # position: the username it was published for, None for everyone
 
-        async def load():
-            loop = asyncio.get_running_loop()
-            clients = []
-            for index in range(streams):
-                server, made = (
-                    servers[index % 2],
-                    functools.partial(EventCounter, request[index % 2]),
+    def publish(data, username=None):
+        publisher.stdin.write(json.dumps([data, username]) + "\n")
+        publisher.stdin.flush()
+        position, at = publisher.stdout.readline().split()
+        meant_for[int(position)] = username
+        return int(position), float(at)
+
+    def cpu_of_servers():
+        return sum(cpu_seconds(server.process.pid) for server in servers)
+
+    async def load():
+        loop = asyncio.get_running_loop()
+        readers = []  # (username, counter), one for each stream
+
+        async def connect(index, last_id=None):
+            username, session = sessions[index]
+            resume = f"Last-Event-ID: {last_id}\r\n" if last_id is not None else ""
+            request = (
+                f"GET /stream/ HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                f"Cookie: sessionid={session}\r\n{resume}\r\n"
+            ).encode()
+            made = functools.partial(EventCounter, request)
+            _, counter = await loop.create_connection(made, "127.0.0.1", servers[index % 2].port)
+            readers.append((username, counter))
+            return counter
+
+        async def connect_many(indexes):
+            ramp, started, counters = max(2, len(indexes) / 800), time.monotonic(), []
+            for number, index in enumerate(indexes):
+                counters.append(await connect(index))
+                await asyncio.sleep(
+                    max(0, started + ramp * number / len(indexes) - time.monotonic())
                 )
-                _, client = await loop.create_connection(made, "127.0.0.1", server.port)
-                clients.append(client)
-                await asyncio.sleep(max(5, streams / 800) / streams)
-            await until(lambda: all(len(each.arrivals) >= 1 for each in clients), 60)
-            publisher = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "manage.py",
-                "shell",
-                "--no-imports",
-                "-c",
-                PUBLISH_FOR_30_S_THEN_200,
-                cwd=root / "project",
-                env={**os.environ, **env},
-                stdout=asyncio.subprocess.PIPE,
-            )
-            connections, threads = 0, 0
-            output = []
-            # One connection to count them all: one opened per count would be counted too.
-            async with await psycopg.AsyncConnection.connect(
-                **database.connection("mysite"), autocommit=True
-            ) as counting:
-                while line := await publisher.stdout.readline():
-                    output.append(line.decode().split())
-                    counted = await counting.execute(
-                        "SELECT count(*) FROM pg_stat_activity WHERE datname = 'mysite'"
-                        " AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
-                    )
-                    connections = max(connections, (await counted.fetchone())[0])
-                    threads = max(
-                        threads, *(proc_status(s.process.pid, "Threads") for s in servers)
-                    )
-            await publisher.wait()
-            published = {
-                int(event_id): float(at) for event_id, at in output if event_id != "burst"
-            }
-            burst_at = float(next(at for event_id, at in output if event_id == "burst"))
-            expected = sorted(published)
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and not all(
-                each.ids[-1:] == expected[-1:] for each in clients
-            ):
-                await asyncio.sleep(0.1)
-            for each in clients:
-                each.transport.close()
-            return clients, published, burst_at, expected, connections, threads
+            await until(lambda: all(each.arrivals for each in counters), 60)
+            return counters
 
-        clients, published, burst_at, expected, connections, threads = run(load())
+        async def published_over(events, every):
+            """Publishes each (data, username) `every` seconds; their (position, time)."""
+            published = []
+            for data, username in events:
+                tick = time.monotonic()
+                published.append(await asyncio.to_thread(publish, data, username))
+                await asyncio.sleep(max(0, tick + every - time.monotonic()))
+            return published
+
+        def latencies(published, counters):
+            return [
+                each.times[each.ids.index(position)] - at
+                for position, at in published
+                for each in counters
+                if position in each.ids
+            ]
+
+        def p50_p99(values):
+            return f"{1000 * percentile(values, 0.5):.0f} / {1000 * percentile(values, 0.99):.0f}"
+
+        async def one_user_events(open_streams, count=40):
+            """Events each for one user with a stream open, five a second: their latency,
+            the servers' CPU for each beyond what they spend idle, and who got them."""
+            idle_from, started = cpu_of_servers(), time.monotonic()
+            await asyncio.sleep(4)
+            idle = (cpu_of_servers() - idle_from) / (time.monotonic() - started)
+            users = [sessions[random.randrange(open_streams)][0] for _ in range(count)]
+            cpu_from, started = cpu_of_servers(), time.monotonic()
+            published = await published_over([({"for": user}, user) for user in users], 0.2)
+            await asyncio.sleep(1)
+            cpu = cpu_of_servers() - cpu_from - idle * (time.monotonic() - started)
+            got = {position: [] for position, _ in published}
+            for username, each in readers:
+                for position in got.keys() & set(each.ids):
+                    got[position].append(username)
+            only_theirs = all(got[position] == [meant_for[position]] for position in got)
+            return cpu / count, latencies(published, [each for _, each in readers]), only_theirs
+
+        figures = {}
+        counters = await connect_many(range(300))
+        cpu_300, latencies_300, only_theirs_300 = await one_user_events(300)
+        counters += await connect_many(range(300, len(sessions)))
+        cpu_all, latencies_all, only_theirs_all = await one_user_events(len(sessions))
+        streams = len(counters)
+        figures["streams"] = sum(each.status == 200 for each in counters)
+        figures[f"an event for one user, {streams} streams: p50 / p99 ms"] = p50_p99(latencies_all)
+        figures["  the same, 300 streams: p50 / p99 ms"] = p50_p99(latencies_300)
+        figures[f"  server CPU ms for each, {streams} / 300 streams"] = (
+            f"{1000 * cpu_all:.2f} / {1000 * cpu_300:.2f}"
+        )
+        figures["  reached its user's stream and no other"] = only_theirs_300 and only_theirs_all
+
+        # Everyone's events: one a second for 30 s, then 200 as fast as one publisher goes.
+        connections = threads = 0
+        published = []
+        for number in range(30):
+            published += await published_over([({"number": number}, None)], 1)
+            connections = max(connections, connected(database))
+            threads = max(threads, *(proc_status(s.process.pid, "Threads") for s in servers))
+        burst_at = time.time()
+        burst = await published_over([({"burst": number}, None) for number in range(200)], 0)
+        last = burst[-1][0]
+        await until(lambda: all(last in each.ids for each in counters), 30)
+        everyones = [position for position, _ in published + burst]
+        figures["everyone's events: lost / repeated / out of order"] = "/".join(
+            str(sum(count(each) for each in counters))
+            for count in (
+                lambda each: len(set(everyones) - set(each.ids)),
+                lambda each: len(each.ids) - len(set(each.ids)),
+                lambda each: sum(later < earlier for earlier, later in pairwise(each.ids)),
+            )
+        )
+        figures["  from publish() to the client: p50 / p99 ms"] = p50_p99(
+            latencies(published, counters)
+        )
+        figures["  the burst of 200, on every stream after: s"] = (
+            max(each.times[each.ids.index(last)] for each in counters) - burst_at
+        )
+        figures["database connections, in all"] = connections
+        figures["threads per process"] = threads
+
+        # A reconnect storm: a third of the clients hang up and come back at once, with
+        # Last-Event-ID, while everyone's events go on, ten a second.
+        leaving, stayed = counters[: streams // 3], counters[streams // 3 :]
+        for each in leaving:
+            each.transport.abort()
+        back = [await connect(index, each.ids[-1]) for index, each in enumerate(leaving)]
+        during = await published_over([({"storm": number}, None) for number in range(30)], 0.1)
+        last = during[-1][0]
+        await until(lambda: all(last in each.ids for each in stayed + back), 30)
+        figures[f"during {len(back)} reconnects at once: p50 / p99 ms"] = p50_p99(
+            latencies(during, stayed)
+        )
+        figures["  the reconnected: lost / repeated"] = "/".join(
+            str(sum(count(each) for each in back))
+            for count in (
+                lambda each: len({position for position, _ in during} - set(each.ids)),
+                lambda each: len(each.ids) - len(set(each.ids)),
+            )
+        )
+        figures["events delivered to a stream they were not for"] = sum(
+            meant_for.get(position, "unknown") not in (None, username)
+            for username, each in readers
+            for position in each.ids
+        )
+        for each in stayed + back:
+            each.transport.close()
+        return figures
+
+    try:
+        figures = run(load())
     finally:
+        publisher.stdin.close()
+        publisher.wait(10)
         for server in servers:
             server.stop()
-    lost = repeated = disordered = 0
-    latencies, last_arrival = [], 0
-    in_order = set(expected)
-    for each in clients:
-        lost += len(in_order - set(each.ids))
-        repeated += len(each.ids) - len(set(each.ids))
-        disordered += sum(later < earlier for earlier, later in pairwise(each.ids))
-        for event_id, arrived in zip(each.ids, each.times):
-            if published[event_id] < burst_at:
-                latencies.append(arrived - published[event_id])
-        last_arrival = max(last_arrival, *each.times[-1:])
-    latencies.sort()
+    figures["errors logged"] = sum(
+        len(re.findall("ERROR|Traceback", server.served)) for server in servers
+    )
+    return figures
+
+
+def connected(database):
+    """The client connections to the project's database, but the one that counts them."""
+    return database.sql(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = 'mysite'"
+        " AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
+    )[0][0]
+
+
+def publishing_rates(project, database, env):
+    """Events a second from publishers in processes of their own, each a transaction."""
+    code = PUBLISHING_RATE.replace("CASES", repr(RATE_CASES))
+    figures = {}
+    for line in in_project(project, database, code, timeout=300, **env).splitlines():
+        publishers, after, locked, rate = line.split()
+        name = f"publishing: {publishers} publishers"
+        if float(after):
+            name += f", each transaction {float(after) * 1000:.0f} ms on after publish()"
+        if locked == "True":
+            name = "  the same with the lock taken in publish()"
+        figures[f"{name}, events/s"] = float(rate)
+    return figures
+
+
+def stalled_clients(root, project, database, env, sessions, cap=100, clients=300):
+    """Clients that never read, more of them than the cap, and events of 60 KB: what the
+    process holds."""
+    (project / "mysite" / "settings_stalled.py").write_text(
+        f"from .settings_bench import *  # noqa\n\nSSE_MAX_STREAMS = {cap}\n"
+    )
+    server = Server(
+        root,
+        application="mysite.asgi:application",
+        cwd=project,
+        **{**env, "DJANGO_SETTINGS_MODULE": "mysite.settings_stalled"},
+    ).start()
+    stop = threading.Event()
+
+    def publish_large():
+        code = (
+            "import time\nfrom live.events import publish\n"
+            "while True:\n    publish({'large': 'x' * 60_000})\n    time.sleep(0.02)\n"
+        )
+        with subprocess.Popen(
+            [sys.executable, "manage.py", "shell", "--no-imports", "-c", code],
+            cwd=project,
+            env={**os.environ, **env},
+        ) as publishing:
+            stop.wait()
+            publishing.kill()
+
+    sockets = []
+    try:
+        cookie = f"sessionid={sessions[0][1]}"
+        assert status_of(server.url + "/stream/", Cookie=cookie) == 200  # the feed is up
+        rss_before = proc_status(server.process.pid, "VmRSS")
+        threading.Thread(target=publish_large, daemon=True).start()
+        for wave in range(clients // cap):
+            for _ in range(cap):
+                raw = socket.socket()
+                raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # reads nothing
+                raw.connect(("127.0.0.1", server.port))
+                raw.sendall(
+                    f"GET /stream/ HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: {cookie}\r\n\r\n".encode()
+                )
+                sockets.append(raw)
+            # Each stream ends once it has sent SSE_MAX_BYTES, and frees its place.
+            server.wait_for_log(r'"GET /stream/" 200 \d{6,}', count=(wave + 1) * cap, timeout=60)
+        time.sleep(2)
+        rss_after = proc_status(server.process.pid, "VmRSS")
+    finally:
+        stop.set()
+        for raw in sockets:
+            raw.close()
+        server.stop()
     return {
-        "streams": sum(each.status == 200 for each in clients),
-        "events published": len(expected),
-        "events lost": lost,
-        "events repeated": repeated,
-        "events out of order": disordered,
-        "latency p50 ms": 1000 * latencies[len(latencies) // 2],
-        "latency p99 ms": 1000 * latencies[int(len(latencies) * 0.99)],
-        "burst all delivered s": last_arrival - burst_at,
-        "database connections": connections,
-        "threads per process": threads,
-        "errors logged": sum(
-            len(re.findall("ERROR|Traceback", server.served)) for server in servers
-        ),
+        f"{clients} clients that never read, cap {cap}: RSS grew MB": (rss_after - rss_before)
+        / 1024,
+        "  SSE_MAX_BYTES times the cap, MB": cap,
     }
 
 
@@ -3762,9 +3984,8 @@ async def stream(request):
 """
 
 
-def per_stream_listen(root, database, env, most=200):
+def per_stream_listen(root, project, env, most=200):
     """Streams opened one by one until one fails: at which, and what its client sees."""
-    project = root / "project"
     (project / "live" / "per_stream_listen.py").write_text(PER_STREAM_LISTEN)
     (project / "mysite" / "urls_per_stream.py").write_text(
         "from django.urls import path\n\nfrom live.per_stream_listen import stream\n"
@@ -3806,8 +4027,260 @@ def per_stream_listen(root, database, env, most=200):
         server.stop()
 
 
+# What readers try first under WSGI, as tutorials have it: a sync view that polls the log.
+POLLING_VIEW = """import time
+
+from django.http import StreamingHttpResponse
+
+from .models import Event
+
+
+def stream(request):
+    def events():
+        last = Event.objects.order_by("-position").values_list("position", flat=True).first()
+        while True:
+            new = Event.objects.filter(position__gt=last or 0).order_by("position")
+            for position, data in new.values_list("position", "data"):
+                yield f"id: {position}\\ndata: {data}\\n\\n"
+                last = position
+            time.sleep(1)
+
+    return StreamingHttpResponse(events(), content_type="text/event-stream")
+"""
+# gunicorn serving everything, the polling view for /stream/: as it ships, and two ways
+# readers widen it.
+OBVIOUS_SHAPES = {
+    "gunicorn's defaults (1 sync worker)": [],
+    "--workers 4": ["--workers", "4"],
+    "-k gthread --workers 2 --threads 4": ["-k", "gthread", "--workers", "2", "--threads", "4"],
+}
+OPEN_STREAMS = [0, 4, 8, 100]
+
+
+def page_loads(url, cookie, count=20, timeout=5):
+    """The seconds each of `count` page loads took, one after another; None for one that
+    had no answer within `timeout`."""
+    times = []
+    with httpx.Client(base_url=url, headers={"Cookie": cookie}, timeout=timeout) as http:
+        for _ in range(count):
+            started = time.monotonic()
+            try:
+                http.get("/").raise_for_status()
+                times.append(time.monotonic() - started)
+            except httpx.TimeoutException:
+                times.append(None)
+    return times
+
+
+def page_p99(times):
+    if None in times:
+        return f"{times.count(None)}/{len(times)} unanswered in 5 s"
+    return f"{1000 * percentile(times, 0.99):.0f} ms"
+
+
+def streams_held(port, cookie, count, held):
+    """Opens streams until `count` are open; how many began (a status line within 2 s)."""
+    began = 0
+    for _ in range(count):
+        raw = socket.create_connection(("127.0.0.1", port), timeout=2)
+        raw.sendall(
+            f"GET /stream/ HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: {cookie}\r\n\r\n".encode()
+        )
+        held.append(raw)
+        try:
+            began += raw.recv(64).startswith(b"HTTP/1.1 200")
+        except TimeoutError:
+            pass
+    return began
+
+
+def bench_deploy(streams=3000):
+    """The README's shapes where a project already runs, and the obvious attempt beside
+    them: page loads as streams open, on gunicorn's sync workers with the polling view, and
+    in the README's WSGI shape; then `streams` streams on 4 uvicorn workers under gunicorn."""
+    root = Path(tempfile.mkdtemp(prefix="sse-bench-deploy-"))
+    database = PostgreSQL().start()
+    try:
+        project, env, sessions = bench_project(root, database, streams)
+        cookie = f"sessionid={sessions[0][1]}"
+        (project / "live" / "polling.py").write_text(POLLING_VIEW)
+        (project / "mysite" / "urls_polling.py").write_text(
+            "from django.urls import path\n\nfrom live.polling import stream\n"
+            "from mysite.urls import urlpatterns as chapter\n\n"
+            'urlpatterns = [path("stream/", stream), *chapter]\n'
+        )
+        (project / "mysite" / "settings_polling.py").write_text(
+            'from .settings_bench import *  # noqa\n\nROOT_URLCONF = "mysite.urls_polling"\n'
+        )
+        rows = {}
+        for shape, options in OBVIOUS_SHAPES.items():
+            port = free_port()
+            server = Server(
+                root,
+                "gunicorn",
+                command=["gunicorn", "mysite.wsgi", *options, "--bind", f"127.0.0.1:{port}"],
+                port=port,
+                cwd=project,
+                **{**env, "DJANGO_SETTINGS_MODULE": "mysite.settings_polling"},
+            ).start()
+            held, began, row = [], 0, []
+            try:
+                for count in OPEN_STREAMS:
+                    began += streams_held(port, cookie, count - len(held), held)
+                    row.append(page_p99(page_loads(server.url, cookie)))
+            finally:
+                for raw in held:
+                    raw.close()
+                server.stop()
+            rows[f"{shape}, the polling view"] = [*row, f"{began} of {OPEN_STREAMS[-1]}"]
+        rows["the README's WSGI shape: gunicorn --workers 4, Daphne, nginx"] = wsgi_shape_load(
+            root, project, env, cookie
+        )
+        print(
+            f"\nPage load p99 (20 loads, one at a time) with streams open; Python "
+            f"{sys.version.split()[0]}, Django {django.__version__}, gunicorn "
+            f"{importlib.metadata.version('gunicorn')}"
+        )
+        print(
+            f"{'':66}"
+            + "".join(f"{count:>12}" for count in [*OPEN_STREAMS, 1000])
+            + f"{'streams begun':>16}"
+        )
+        for shape, row in rows.items():
+            cells = row[:-1] + [""] * (len(OPEN_STREAMS) + 1 - len(row[:-1]))
+            print(f"{shape:66}" + "".join(f"{cell:>12}" for cell in cells) + f"{row[-1]:>16}")
+        print(f"\n{streams} streams on gunicorn with 4 uvicorn workers:")
+        for name, value in uvicorn_workers_load(root, project, env, sessions).items():
+            print(f"{name:58}{figure(value):>12}")
+        print(f"logs: {root}")
+    finally:
+        database.stop()
+
+
+def wsgi_shape_load(root, project, env, cookie):
+    front, pages_port, streams_port = free_port(), free_port(), free_port()
+    (gunicorn,) = readme_commands(KEEP_GUNICORN, "gunicorn mysite.wsgi")
+    (daphne,) = readme_commands(KEEP_GUNICORN, "daphne")
+    servers = [
+        Server(
+            root,
+            kind,
+            command=on_ports(command, [pages_port, streams_port]),
+            port=port,
+            cwd=project,
+            **env,
+        ).start()
+        for kind, command, port in [
+            ("gunicorn", gunicorn, pages_port),
+            ("daphne", daphne, streams_port),
+        ]
+    ]
+    nginx = start_nginx(
+        root, readme_nginx_config([front, pages_port, streams_port], KEEP_GUNICORN)
+    )
+    held, began, row = [], 0, []
+    try:
+        wait_until_listening(front, nginx, log=root / "error.log")
+        url = f"http://127.0.0.1:{front}"
+        for count in [*OPEN_STREAMS, 1000]:
+            began += streams_held(front, cookie, count - len(held), held)
+            row.append(page_p99(page_loads(url, cookie)))
+    finally:
+        for raw in held:
+            raw.close()
+        nginx.terminate()
+        nginx.wait(10)
+        for server in servers:
+            server.stop()
+    return [*row, f"{began} of 1000"]
+
+
+def uvicorn_workers_load(root, project, env, sessions):
+    (command,) = readme_commands(KEEP_GUNICORN, "gunicorn mysite.asgi:application")
+    port = free_port()
+    server = Server(
+        root,
+        "gunicorn",
+        command=[*command, "--bind", f"127.0.0.1:{port}"],
+        port=port,
+        cwd=project,
+        **env,
+    ).start()
+    publisher = subprocess.Popen(
+        [sys.executable, "manage.py", "shell", "--no-imports", "-c", TIMED_PUBLISHER],
+        cwd=project,
+        env={**os.environ, **env},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+    def publish(data):
+        publisher.stdin.write(json.dumps([data, None]) + "\n")
+        publisher.stdin.flush()
+        position, at = publisher.stdout.readline().split()
+        return int(position), float(at)
+
+    async def load():
+        loop = asyncio.get_running_loop()
+        counters = []
+        for index, (_, session) in enumerate(sessions):
+            request = (
+                f"GET /stream/ HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: sessionid={session}\r\n\r\n"
+            ).encode()
+            made = functools.partial(EventCounter, request)
+            counters.append((await loop.create_connection(made, "127.0.0.1", port))[1])
+            await asyncio.sleep(max(5, len(sessions) / 800) / len(sessions))
+        await until(lambda: all(each.arrivals for each in counters), 60)
+        published = []
+        for number in range(20):
+            tick = time.monotonic()
+            published.append(await asyncio.to_thread(publish, {"number": number}))
+            await asyncio.sleep(max(0, tick + 1 - time.monotonic()))
+        for number in range(100):
+            published.append(await asyncio.to_thread(publish, {"burst": number}))
+        last = published[-1][0]
+        await until(lambda: all(last in each.ids for each in counters), 30)
+        for each in counters:
+            each.transport.close()
+        return counters, published
+
+    try:
+        counters, published = run(load())
+    finally:
+        publisher.stdin.close()
+        publisher.wait(10)
+        server.stop(timeout=20)
+    positions = [position for position, _ in published]
+    latencies = [
+        each.times[each.ids.index(position)] - at
+        for position, at in published[:20]
+        for each in counters
+        if position in each.ids
+    ]
+    return {
+        "streams": sum(each.status == 200 for each in counters),
+        "workers": len(re.findall("Booting worker with pid", server.served)),
+        "lost / repeated / out of order": "/".join(
+            str(sum(count(each) for each in counters))
+            for count in (
+                lambda each: len(set(positions) - set(each.ids)),
+                lambda each: len(each.ids) - len(set(each.ids)),
+                lambda each: sum(later < earlier for earlier, later in pairwise(each.ids)),
+            )
+        ),
+        "from publish() to the client: p50 / p99 ms": (
+            f"{1000 * percentile(latencies, 0.5):.0f} / {1000 * percentile(latencies, 0.99):.0f}"
+        ),
+        "errors logged": len(re.findall("ERROR|Traceback", server.served)),
+    }
+
+
 if __name__ == "__main__":
-    usage = "python test_app.py bench [STREAMS] [--server NAME] | storm [CLIENTS] | bench-events [STREAMS]"
+    usage = (
+        "python test_app.py bench [STREAMS] [--server NAME] | storm [CLIENTS]"
+        " | bench-events [STREAMS] | bench-deploy [STREAMS]"
+    )
     command, *rest = sys.argv[1:] or ["bench"]
     server = rest[rest.index("--server") + 1] if "--server" in rest else "daphne"
     count = [word for word in rest if word.isdigit()]
@@ -3818,5 +4291,7 @@ if __name__ == "__main__":
         storm_report(int(count[0]) if count else 3000)
     elif command == "bench-events":
         bench_events(int(count[0]) if count else 3000)
+    elif command == "bench-deploy":
+        bench_deploy(int(count[0]) if count else 3000)
     else:
         sys.exit(f"usage: {usage}; servers: {', '.join(SERVERS)}")
