@@ -784,10 +784,12 @@ def test_any_server_sends_events_one_by_one_not_in_a_batch(any_server):
         httpx.Client(timeout=5) as http,
         connect_sse(http, "GET", any_server.url + "/stream/") as source,
     ):
-        for _ in islice(source.iter_sse(), 5):  # retry, then ids 0-3
+        for _ in islice(source.iter_sse(), 9):  # retry, then ids 0-7
             arrivals.append(time.monotonic())
-    gaps = [later - earlier for earlier, later in pairwise(arrivals[2:])]
-    assert all(gap > 0.05 for gap in gaps), gaps  # SSE_INTERVAL is 0.1 s
+    gaps = sorted(later - earlier for earlier, later in pairwise(arrivals[2:]))
+    # SSE_INTERVAL is 0.1 s; a buffer sends them together. A loaded client may read two at
+    # once now and then: the median tells the two apart.
+    assert gaps[len(gaps) // 2] > 0.05, gaps
 
 
 @layer("real_server")
@@ -2312,15 +2314,10 @@ def test_300_streams_hold_one_listener_connection_per_process(
     """Fresh processes: the first streams arrive together and start the feed."""
     servers = two_daphnes(tmp_path, events_project, postgresql.env)
     try:
-        cookie = f"Cookie: {session_cookie(servers[0].url)}\r\n"
-        # The login's connection closes as its request ends, just after the answer.
-        eventually(
-            lambda: (
-                [database_connections(s.process.pid, postgresql.port) for s in servers] == [0, 0]
-            ),
-            5,
-            "each request's connection to close as it ends",
-        )
+        # A login on each process opens its pool; the feeds are not started yet.
+        cookies = [session_cookie(server.url) for server in servers]
+        cookie = f"Cookie: {cookies[0]}\r\n"
+        before = [database_connections(s.process.pid, postgresql.port) for s in servers]
 
         async def hold_300():
             streams = []
@@ -2339,7 +2336,7 @@ def test_300_streams_hold_one_listener_connection_per_process(
         for server in servers:
             server.stop()
     assert statuses == {200}
-    assert held == [2, 2], "the listener's, and the one the streams read the log on"
+    assert held == [count + 2 for count in before], "the pool's, and the feed's two: its own"
     for server in servers:
         assert "Traceback" not in server.served
 
@@ -2430,7 +2427,9 @@ LISTENERS = "FROM pg_stat_activity WHERE application_name = 'live listener'"
 def test_a_terminated_listener_connection_loses_nothing(two_processes, postgresql, publisher):
     cookie = session_cookie(two_processes[0].url)
     followers = [Follower([server.url], cookie) for server in two_processes]
+    pids = [server.process.pid for server in two_processes]
     with following(followers):
+        before = [database_connections(pid, postgresql.port) for pid in pids]
         postgresql.sql(f"SELECT pg_terminate_backend(pid) {LISTENERS}")
         position = publisher({"while nobody listened": 1})
         eventually(lambda: all(each.data for each in followers), 10, "the event")
@@ -2439,11 +2438,10 @@ def test_a_terminated_listener_connection_loses_nothing(two_processes, postgresq
         assert each.streams == 1, "the streams themselves went on"
     for server in two_processes:
         server.wait_for_log("cannot follow the event log, trying again")
-    pids = [server.process.pid for server in two_processes]
     eventually(
-        lambda: [database_connections(pid, postgresql.port) for pid in pids] == [2, 2],
+        lambda: [database_connections(pid, postgresql.port) for pid in pids] == before,
         10,
-        "each process's listener and reader again",
+        "each process's listener again",
     )
 
 
@@ -3684,6 +3682,7 @@ def bench_events(streams=3000):
         figures = run_events_load(root, project, database, env, sessions)
         figures.update(publishing_rates(project, database, env))
         figures.update(stalled_clients(root, project, database, env, sessions))
+        figures.update(silently_cut(root, project, database, env, sessions))
         print(
             f"\n{streams} streams, a user each, on two Daphne processes; the log in PostgreSQL "
             f"{database.version}; Python {sys.version.split()[0]}, Django {django.__version__}"
@@ -3915,6 +3914,32 @@ def publishing_rates(project, database, env):
             name = "  the same with the lock taken in publish()"
         figures[f"{name}, events/s"] = float(rate)
     return figures
+
+
+def silently_cut(root, project, database, env, sessions):
+    """A relay between a Daphne process and PostgreSQL stops forwarding on the connections
+    it has, without closing them: how soon an event published then reaches a stream."""
+    relay = Relay(database.port)
+    server = Server(
+        root,
+        application="mysite.asgi:application",
+        cwd=project,
+        **{**env, "PGPORT": str(relay.port)},
+    ).start()
+    follower = Follower([server.url], f"sessionid={sessions[0][1]}")
+    try:
+        with following([follower]):
+            relay.freeze()
+            frozen = time.monotonic()
+            in_project(
+                project, database, "from live.events import publish\npublish('after')", **env
+            )
+            eventually(lambda: follower.data, 60, "the event")
+            arrived = time.monotonic() - frozen
+    finally:
+        server.stop()
+        relay.close()
+    return {"the listener cut without a word: the event came after s": arrived}
 
 
 def stalled_clients(root, project, database, env, sessions, cap=100, clients=300):
