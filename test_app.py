@@ -3683,6 +3683,7 @@ def bench_events(streams=3000):
         figures.update(publishing_rates(project, database, env))
         figures.update(stalled_clients(root, project, database, env, sessions))
         figures.update(silently_cut(root, project, database, env, sessions))
+        figures.update(woken(project, database, env))
         print(
             f"\n{streams} streams, a user each, on two Daphne processes; the log in PostgreSQL "
             f"{database.version}; Python {sys.version.split()[0]}, Django {django.__version__}"
@@ -3720,6 +3721,38 @@ def bench_project(root, database, readers):
     env = {**database.env, "PGUSER": "app", "DJANGO_SETTINGS_MODULE": "mysite.settings_bench"}
     code = READERS.replace("COUNT", str(readers))
     return project, env, json.loads(in_project(project, database, code, **env))
+
+
+WOKEN = """import asyncio
+from asgiref.sync import sync_to_async
+from django.contrib.auth.models import User
+from live.events import Subscription, get_feed, publish
+
+
+async def main():
+    feed = get_feed()
+    await asyncio.wait_for(feed.up.wait(), 10)
+    users = await sync_to_async(list)(User.objects.filter(username__startswith="reader"))
+    streams = [Subscription({"*", f"user:{user.pk}"}) for user in users]
+    for stream in streams:
+        feed.subscribe(stream)
+    before = feed.last_id
+    await sync_to_async(publish)({"for": "one"}, users[len(users) // 2])
+    async with asyncio.timeout(10):
+        while feed.last_id == before:
+            await asyncio.sleep(0.01)
+    print(sum(stream.arrived.is_set() for stream in streams), len(streams))
+
+
+asyncio.run(main())
+"""
+
+
+def woken(project, database, env):
+    """Subscriptions of every reader on one feed, the README's own: how many an event for
+    one of them wakes."""
+    count, streams = in_project(project, database, WOKEN, **env).split()
+    return {f"streams woken by an event for one user, of {streams}": int(count)}
 
 
 def run_events_load(root, project, database, env, sessions):
