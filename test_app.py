@@ -2172,9 +2172,12 @@ class Relay:
                 destination.write(data)
             destination.close()
 
-        await asyncio.gather(
-            pipe(client_reader, writer), pipe(reader, client_writer), return_exceptions=True
-        )
+        try:
+            await asyncio.gather(
+                pipe(client_reader, writer), pipe(reader, client_writer), return_exceptions=True
+            )
+        except asyncio.CancelledError:
+            pass  # the relay closed: asyncio's server would log a cancelled handler as an error
 
     def freeze(self):
         for frozen, _, _ in self.connections:
