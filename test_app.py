@@ -44,7 +44,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from itertools import cycle, islice, pairwise
+from itertools import count, cycle, islice, pairwise
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -509,10 +509,20 @@ def beside_python(program):
 DAPHNE = beside_python("daphne")
 
 
+# Ports for the servers the tests start: below the kernel's range for outgoing connections
+# (32768 and up), where thousands of client sockets could take one first, and a block for
+# each pytest-xdist worker, so that no two workers pick the same.
+ports = count(20_000 + 1_500 * int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:]))
+
+
 def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    for port in ports:
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 def wait_until_listening(port, process, timeout=20, log=None):
@@ -1311,7 +1321,9 @@ def test_browser_waits_as_long_as_retry_after_says_then_longer(server, page):
     expect(page.locator("#state")).to_have_text("server busy, trying again in 1 s")
     wait_for_asks(page, asked, 3)
     first, second = [later - earlier for earlier, later in pairwise(asked)]
-    assert 0.95 < first < 1.6 and 1.95 < second < 3.1, (first, second)
+    # At least what Retry-After says, then twice that, each with up to half more for jitter;
+    # a loaded machine may fire a timer a little late, never early.
+    assert 0.95 < first < 2 and 1.95 < second < 3.6, (first, second)
 
 
 @layer("browser")
@@ -1541,8 +1553,9 @@ def test_nginx_passes_events_at_once_and_fails_over_without_loss(daphne, page, t
         ):
             for event in islice((e for e in source.iter_sse() if e.data), 7):
                 arrivals.append(time.monotonic())
-        gaps = [later - earlier for earlier, later in pairwise(arrivals[1:])]
-        assert all(0.1 < gap < 0.35 for gap in gaps), gaps  # one by one, not batched
+        gaps = sorted(later - earlier for earlier, later in pairwise(arrivals[1:]))
+        # One by one, not batched; a loaded client may read two at once now and then.
+        assert 0.1 < gaps[len(gaps) // 2] < 0.35, gaps
         # Daphne logs the first address of X-Forwarded-For: the client cannot choose it.
         httpx.get(url + "/", headers={"X-Forwarded-For": "203.0.113.9"}, timeout=5)
         logs = "".join(backend.log for backend in backends)
@@ -1771,9 +1784,17 @@ TEST_SETTINGS = {
     "atomic": 'DATABASES["default"]["ATOMIC_REQUESTS"] = True',
     "small_log": "SSE_LOG_SIZE = 100",
     "max_bytes": "SSE_MAX_BYTES = 4000",
-    "mail": 'ADMINS = [("Admin", "admin@example.com")]\n'
-    'EMAIL_BACKEND = "django.core.mail.backends.filebased.EmailBackend"\n'
-    'EMAIL_FILE_PATH = os.environ["MAIL_DIR"]',
+    "mail": """import django
+
+ADMINS = ["admin@example.com"] if django.VERSION >= (6,) else [("Admin", "admin@example.com")]
+mailer = {
+    "BACKEND": "django.core.mail.backends.filebased.EmailBackend",
+    "OPTIONS": {"file_path": os.environ["MAIL_DIR"]},
+}
+if "MAILERS" in globals():  # startproject's since Django 6.1
+    MAILERS = {"default": mailer}
+else:
+    EMAIL_BACKEND, EMAIL_FILE_PATH = mailer["BACKEND"], mailer["OPTIONS"]["file_path"]""",
 }
 
 
@@ -2688,7 +2709,7 @@ for thread in threads:
     thread.start()
 for thread in threads:
     thread.join(20)
-print(" ".join(done))
+print(*done)
 """
 
 
@@ -2699,7 +2720,8 @@ def test_publishers_that_lock_the_same_row_in_either_order_do_not_deadlock(
     cookie = session_cookie(two_processes[0].url)
     follower = Follower([two_processes[0].url], cookie)
     with following([follower]):
-        assert in_project(events_project, postgresql, ROW_THEN_PUBLISH) == "A B\n"
+        done = in_project(events_project, postgresql, ROW_THEN_PUBLISH).split()
+        assert sorted(done) == ["A", "B"], "both committed: neither was chosen to die"
         eventually(lambda: len(follower.data) == 2, 10, "both events")
     assert follower.data == [{"by": "A"}, {"by": "B"}], "in the order they committed"
 
@@ -3143,7 +3165,8 @@ def test_wsgi_pages_and_a_daphne_stream_behind_nginx_work_as_one_site(wsgi_shape
     publisher({"while": "gunicorn restarted"})
     expect(page.locator("#events li")).to_have_count(2, timeout=5000)
     wsgi_shape.streams.stop()  # the browser comes back, and loses nothing
-    expect(page.locator("#state")).to_have_text("reconnecting", timeout=5000)
+    away = page.wait_for_event("response", lambda answer: "/stream/" in answer.url, timeout=10000)
+    assert away.status == 200, "nginx's own stream, not a 502 that ends EventSource for good"
     publisher({"while": "daphne was down"})
     wsgi_shape.streams.start()
     expect(page.locator("#events li").first).to_have_text(
