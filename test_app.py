@@ -1940,7 +1940,7 @@ def publish_with_command(project, postgresql, data, *to):
     return int(re.fullmatch(r"published (\d+)\n", output)[1])
 
 
-PUBLISHER = """import json, sys
+PUBLISHER = """import json, sys, time
 from django.contrib.auth.models import Group, User
 from live.events import publish
 
@@ -1952,7 +1952,7 @@ for line in sys.stdin:
         name = Group.objects.get(name=name)
     event = publish(data, name)
     event.refresh_from_db()
-    print(event.position, flush=True)
+    print(event.position, time.time(), flush=True)
 """
 
 
@@ -1960,11 +1960,11 @@ class Publisher:
     """publish() in a `manage.py shell` of its own that stays up: a publish takes
     milliseconds, not the second that starting `manage.py publish` takes."""
 
-    def __init__(self, project, postgresql):
+    def __init__(self, project, env):
         self.process = subprocess.Popen(
             [sys.executable, "manage.py", "shell", "--no-imports", "-c", PUBLISHER],
             cwd=project,
-            env={**os.environ, **postgresql.env},
+            env={**os.environ, **env},
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -1973,11 +1973,16 @@ class Publisher:
     def __call__(self, data, kind=None, name=None):
         """Publishes `data` to everyone, or to the user, group or topic `name`; its
         position."""
+        return self.timed(data, kind, name)[0]
+
+    def timed(self, data, kind=None, name=None):
+        """The same; its position, and when it was committed."""
         self.process.stdin.write(json.dumps([data, kind, name]) + "\n")
         self.process.stdin.flush()
         line = self.process.stdout.readline()
         assert line, "the publisher stopped"
-        return int(line)
+        position, at = line.split()
+        return int(position), float(at)
 
     def close(self):
         self.process.stdin.close()
@@ -1986,7 +1991,7 @@ class Publisher:
 
 @pytest.fixture(scope="module")
 def publisher(events_project, postgresql):
-    publishing = Publisher(events_project, postgresql)
+    publishing = Publisher(events_project, postgresql.env)
     yield publishing
     publishing.close()
 
@@ -3112,22 +3117,20 @@ def on_ports(command, ports):
     return shlex.split(line)
 
 
-@pytest.fixture(scope="module")
-def wsgi_shape(events_project, postgresql, tmp_path_factory):
+@contextlib.contextmanager
+def readme_wsgi_shape(directory, project, env):
     """The README's shape, as written: gunicorn's sync workers serve the pages, a Daphne
-    process serves /stream/, nginx sends each its part."""
-    directory = tmp_path_factory.mktemp("wsgi-shape")
+    process serves /stream/, nginx sends each its part; stopped by their pids after."""
     front, pages_port, streams_port = free_port(), free_port(), free_port()
     (gunicorn,) = readme_commands(KEEP_GUNICORN, "gunicorn mysite.wsgi")
     (daphne,) = readme_commands(KEEP_GUNICORN, "daphne")
-    env = {**postgresql.env, **DEPLOYED}
     pages, streams = (
         Server(
             directory,
             kind,
             command=on_ports(command, [pages_port, streams_port]),
             port=port,
-            cwd=events_project,
+            cwd=project,
             **env,
         ).start()
         for kind, command, port in [
@@ -3135,19 +3138,34 @@ def wsgi_shape(events_project, postgresql, tmp_path_factory):
             ("daphne", daphne, streams_port),
         ]
     )
-    nginx = start_nginx(
-        directory, readme_nginx_config([front, pages_port, streams_port], KEEP_GUNICORN)
-    )
+    config = readme_nginx_config([front, pages_port, streams_port], KEEP_GUNICORN)
+    nginx = start_nginx(directory, config)
     try:
         wait_until_listening(front, nginx, log=directory / "error.log")
-        yield SimpleNamespace(url=f"http://127.0.0.1:{front}", pages=pages, streams=streams)
+        url = f"http://127.0.0.1:{front}"
+        yield SimpleNamespace(url=url, port=front, pages=pages, streams=streams)
     finally:
         nginx.terminate()
         nginx.wait(10)
         for server in pages, streams:
             server.stop()
-    for server in pages, streams:
+
+
+@pytest.fixture(scope="module")
+def wsgi_shape(events_project, postgresql, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("wsgi-shape")
+    with readme_wsgi_shape(directory, events_project, {**postgresql.env, **DEPLOYED}) as shape:
+        yield shape
+    for server in shape.pages, shape.streams:
         assert "Traceback" not in server.served, server.served
+
+
+def readme_uvicorn_workers(directory, project, env):
+    """The project on gunicorn's uvicorn workers, by the README's command, started."""
+    (command,) = readme_commands(KEEP_GUNICORN, "gunicorn mysite.asgi:application")
+    port = free_port()
+    command = [*command, "--bind", f"127.0.0.1:{port}"]
+    return Server(directory, "gunicorn", command=command, port=port, cwd=project, **env).start()
 
 
 def post_on_the_page(page, text):
@@ -3180,10 +3198,9 @@ def test_wsgi_pages_and_a_daphne_stream_behind_nginx_work_as_one_site(wsgi_shape
 @layer("gunicorn")
 def test_wsgi_pages_keep_answering_with_300_streams_open_through_nginx(wsgi_shape, publisher):
     cookie = f"Cookie: {session_cookie(wsgi_shape.url)}\r\n"
-    port = int(wsgi_shape.url.rsplit(":", 1)[1])
 
     async def pages_while_streaming():
-        streams = await open_streams(port, 300, headers=cookie)
+        streams = await open_streams(wsgi_shape.port, 300, headers=cookie)
         await until(lambda: all(len(each.arrivals) >= 1 for each in streams), 20)
         async with httpx.AsyncClient(base_url=wsgi_shape.url, timeout=5) as http:
             statuses = [(await http.get("/admin/login/")).status_code for _ in range(20)]
@@ -3201,17 +3218,7 @@ def test_wsgi_pages_keep_answering_with_300_streams_open_through_nginx(wsgi_shap
 def test_asgi_under_gunicorn_with_4_uvicorn_workers_loses_nothing_and_stops_in_time(
     events_project, postgresql, publisher, tmp_path
 ):
-    (command,) = readme_commands(KEEP_GUNICORN, "gunicorn mysite.asgi:application")
-    port = free_port()
-    server = Server(
-        tmp_path,
-        "gunicorn",
-        command=[*command, "--bind", f"127.0.0.1:{port}"],
-        port=port,
-        cwd=events_project,
-        **postgresql.env,
-        **DEPLOYED,
-    ).start()
+    server = readme_uvicorn_workers(tmp_path, events_project, {**postgresql.env, **DEPLOYED})
     cookie = session_cookie(server.url)
     followers = [Follower([server.url], cookie, retry=0.05) for _ in range(12)]
     with following(followers), logged_in(server.url) as http:
@@ -3635,18 +3642,6 @@ for user in User.objects.filter(username__startswith="reader").order_by("pk"):
 print(json.dumps(sessions))
 """
 
-# Lines on stdin: [data, username or null]; on stdout: the position, and when it was sent.
-TIMED_PUBLISHER = """import json, sys, time
-from django.contrib.auth.models import User
-from live.events import publish
-
-for line in sys.stdin:
-    data, username = json.loads(line)
-    event = publish(data, User.objects.get(username=username) if username else None)
-    event.refresh_from_db()
-    print(event.position, time.time(), flush=True)
-"""
-
 PUBLISHING_RATE = """import multiprocessing, time
 from django.db import connection, transaction
 from live.events import publish
@@ -3784,22 +3779,13 @@ def woken(project, database, env):
 def run_events_load(root, project, database, env, sessions):
     endpoint = "tcp:port={port}:interface=127.0.0.1:backlog=8192"
     servers = two_daphnes(root, project, env, endpoint=endpoint)
-    publisher = subprocess.Popen(
-        [sys.executable, "manage.py", "shell", "--no-imports", "-c", TIMED_PUBLISHER],
-        cwd=project,
-        env={**os.environ, **env},
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    publisher = Publisher(project, env)
     meant_for = {}  # position: the username it was published for, None for everyone
 
     def publish(data, username=None):
-        publisher.stdin.write(json.dumps([data, username]) + "\n")
-        publisher.stdin.flush()
-        position, at = publisher.stdout.readline().split()
-        meant_for[int(position)] = username
-        return int(position), float(at)
+        position, at = publisher.timed(data, "user" if username else None, username)
+        meant_for[position] = username
+        return position, at
 
     def cpu_of_servers():
         return sum(cpu_seconds(server.process.pid) for server in servers)
@@ -3942,8 +3928,7 @@ def run_events_load(root, project, database, env, sessions):
     try:
         figures = run(load())
     finally:
-        publisher.stdin.close()
-        publisher.wait(10)
+        publisher.close()
         for server in servers:
             server.stop()
     figures["errors logged"] = sum(
@@ -4086,22 +4071,29 @@ async def stream(request):
 """
 
 
-def per_stream_listen(root, project, env, most=200):
-    """Streams opened one by one until one fails: at which, and what its client sees."""
-    (project / "live" / "per_stream_listen.py").write_text(PER_STREAM_LISTEN)
-    (project / "mysite" / "urls_per_stream.py").write_text(
-        "from django.urls import path\n\nfrom live.per_stream_listen import stream\n"
+def with_stream_view(project, name, code):
+    """The bench project with `code`'s `stream` view at /stream/ instead of the chapter's,
+    as module live/NAME.py; the settings module that serves it."""
+    (project / "live" / f"{name}.py").write_text(code)
+    (project / "mysite" / f"urls_{name}.py").write_text(
+        f"from django.urls import path\n\nfrom live.{name} import stream\n"
         "from mysite.urls import urlpatterns as chapter\n\n"
         'urlpatterns = [path("stream/", stream), *chapter]\n'
     )
-    (project / "mysite" / "settings_per_stream.py").write_text(
-        'from .settings_bench import *  # noqa\n\nROOT_URLCONF = "mysite.urls_per_stream"\n'
+    (project / "mysite" / f"settings_{name}.py").write_text(
+        f'from .settings_bench import *  # noqa\n\nROOT_URLCONF = "mysite.urls_{name}"\n'
     )
+    return f"mysite.settings_{name}"
+
+
+def per_stream_listen(root, project, env, most=200):
+    """Streams opened one by one until one fails: at which, and what its client sees."""
+    settings_module = with_stream_view(project, "per_stream_listen", PER_STREAM_LISTEN)
     server = Server(
         root,
         application="mysite.asgi:application",
         cwd=project,
-        **{**env, "DJANGO_SETTINGS_MODULE": "mysite.settings_per_stream"},
+        **{**env, "DJANGO_SETTINGS_MODULE": settings_module},
     ).start()
     opened, seen = [], "never failed"
     try:
@@ -4160,7 +4152,7 @@ OBVIOUS_SHAPES = {
 OPEN_STREAMS = [0, 4, 8, 100]
 
 
-def page_loads(url, cookie, count=20, timeout=5):
+def page_loads(url, cookie, count=200, timeout=5):
     """The seconds each of `count` page loads took, one after another, up to the first
     that had no answer within `timeout` (then None)."""
     times = []
@@ -4210,15 +4202,7 @@ def bench_deploy(streams=3000):
     try:
         project, env, sessions = bench_project(root, database, streams)
         cookie = f"sessionid={sessions[0][1]}"
-        (project / "live" / "polling.py").write_text(POLLING_VIEW)
-        (project / "mysite" / "urls_polling.py").write_text(
-            "from django.urls import path\n\nfrom live.polling import stream\n"
-            "from mysite.urls import urlpatterns as chapter\n\n"
-            'urlpatterns = [path("stream/", stream), *chapter]\n'
-        )
-        (project / "mysite" / "settings_polling.py").write_text(
-            'from .settings_bench import *  # noqa\n\nROOT_URLCONF = "mysite.urls_polling"\n'
-        )
+        polling = with_stream_view(project, "polling", POLLING_VIEW)
         rows = {}
         for shape, options in OBVIOUS_SHAPES.items():
             port = free_port()
@@ -4228,7 +4212,7 @@ def bench_deploy(streams=3000):
                 command=["gunicorn", "mysite.wsgi", *options, "--bind", f"127.0.0.1:{port}"],
                 port=port,
                 cwd=project,
-                **{**env, "DJANGO_SETTINGS_MODULE": "mysite.settings_polling"},
+                **{**env, "DJANGO_SETTINGS_MODULE": polling},
             ).start()
             held, began, row = [], 0, []
             try:
@@ -4244,7 +4228,7 @@ def bench_deploy(streams=3000):
             root, project, env, cookie
         )
         print(
-            f"\nPage load p99 (20 loads, one at a time) with streams open; Python "
+            f"\nPage load p99 (200 loads, one at a time) with streams open; Python "
             f"{sys.version.split()[0]}, Django {django.__version__}, gunicorn "
             f"{importlib.metadata.version('gunicorn')}"
         )
@@ -4265,68 +4249,23 @@ def bench_deploy(streams=3000):
 
 
 def wsgi_shape_load(root, project, env, cookie):
-    front, pages_port, streams_port = free_port(), free_port(), free_port()
-    (gunicorn,) = readme_commands(KEEP_GUNICORN, "gunicorn mysite.wsgi")
-    (daphne,) = readme_commands(KEEP_GUNICORN, "daphne")
-    servers = [
-        Server(
-            root,
-            kind,
-            command=on_ports(command, [pages_port, streams_port]),
-            port=port,
-            cwd=project,
-            **env,
-        ).start()
-        for kind, command, port in [
-            ("gunicorn", gunicorn, pages_port),
-            ("daphne", daphne, streams_port),
-        ]
-    ]
-    nginx = start_nginx(
-        root, readme_nginx_config([front, pages_port, streams_port], KEEP_GUNICORN)
-    )
     held, began, row = [], 0, []
-    try:
-        wait_until_listening(front, nginx, log=root / "error.log")
-        url = f"http://127.0.0.1:{front}"
-        for count in [*OPEN_STREAMS, 1000]:
-            began += streams_held(front, cookie, count - len(held), held)
-            row.append(page_p99(page_loads(url, cookie)))
-    finally:
-        for raw in held:
-            raw.close()
-        nginx.terminate()
-        nginx.wait(10)
-        for server in servers:
-            server.stop()
+    with readme_wsgi_shape(root, project, env) as shape:
+        try:
+            for count in [*OPEN_STREAMS, 1000]:
+                began += streams_held(shape.port, cookie, count - len(held), held)
+                row.append(page_p99(page_loads(shape.url, cookie)))
+        finally:
+            for raw in held:
+                raw.close()
     return [*row, f"{began} of 1000"]
 
 
 def uvicorn_workers_load(root, project, env, sessions):
-    (command,) = readme_commands(KEEP_GUNICORN, "gunicorn mysite.asgi:application")
-    port = free_port()
-    server = Server(
-        root,
-        "gunicorn",
-        command=[*command, "--bind", f"127.0.0.1:{port}"],
-        port=port,
-        cwd=project,
-        **env,
-    ).start()
-    publisher = subprocess.Popen(
-        [sys.executable, "manage.py", "shell", "--no-imports", "-c", TIMED_PUBLISHER],
-        cwd=project,
-        env={**os.environ, **env},
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-
-    def publish(data):
-        publisher.stdin.write(json.dumps([data, None]) + "\n")
-        publisher.stdin.flush()
-        position, at = publisher.stdout.readline().split()
-        return int(position), float(at)
+    server = readme_uvicorn_workers(root, project, env)
+    port = server.port
+    publisher = Publisher(project, env)
+    publish = publisher.timed
 
     async def load():
         loop = asyncio.get_running_loop()
@@ -4355,8 +4294,7 @@ def uvicorn_workers_load(root, project, env, sessions):
     try:
         counters, published = run(load())
     finally:
-        publisher.stdin.close()
-        publisher.wait(10)
+        publisher.close()
         server.stop(timeout=20)
     positions = [position for position, _ in published]
     latencies = [
