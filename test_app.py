@@ -3741,7 +3741,9 @@ def bench_project(root, database, readers):
     )
     env = {**database.env, "PGUSER": "app", "DJANGO_SETTINGS_MODULE": "mysite.settings_bench"}
     code = READERS.replace("COUNT", str(readers))
-    return project, env, json.loads(in_project(project, database, code, **env))
+    sessions = json.loads(in_project(project, database, code, **env))
+    database.sql("VACUUM ANALYZE")  # now, not by autovacuum in the middle of a measurement
+    return project, env, sessions
 
 
 WOKEN = """import asyncio
