@@ -597,7 +597,11 @@ class Server:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its workers, if any, go with it
             )
-        wait_until_listening(self.port, self.process, timeout, log=self.log_path)
+        try:
+            wait_until_listening(self.port, self.process, timeout, log=self.log_path)
+        except BaseException:
+            self.stop()  # by its pid, whatever went wrong: nothing left running
+            raise
         return self
 
     def stop(self, timeout=10):
@@ -1857,13 +1861,18 @@ class PostgreSQL:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        wait_until_listening(self.port, self.process, log=self.log_path)
-        # Listening is not ready: until recovery ends it refuses ("starting up").
-        subprocess.run(
-            [self.programs / "pg_isready", "-q", "-t", "20", *self.host_options()],
-            check=True,
-            timeout=30,
-        )
+        try:
+            wait_until_listening(self.port, self.process, log=self.log_path)
+            # Listening is not ready: until recovery ends it refuses ("starting up"), and
+            # pg_isready says so at once rather than waiting.
+            deadline = time.monotonic() + 20
+            ready = [self.programs / "pg_isready", "-q", *self.host_options()]
+            while subprocess.run(ready, check=False, timeout=10).returncode:
+                assert time.monotonic() < deadline, self.log_path.read_text()
+                time.sleep(0.05)
+        except BaseException:
+            self.stop()  # stopped by its pid whatever went wrong: nothing left running
+            raise
         return self
 
     def host_options(self):
@@ -1894,10 +1903,12 @@ class PostgreSQL:
 def postgresql():
     pytest.importorskip("psycopg", reason="pip install psycopg[binary]")
     database = PostgreSQL(fsync="off").start()
-    database.sql("CREATE DATABASE mysite", dbname="postgres")
-    yield database
-    database.stop()
-    shutil.rmtree(database.directory, ignore_errors=True)
+    try:
+        database.sql("CREATE DATABASE mysite", dbname="postgres")
+        yield database
+    finally:
+        database.stop()
+        shutil.rmtree(database.directory, ignore_errors=True)
 
 
 def make_events_project(root, postgresql):
@@ -2004,8 +2015,18 @@ def two_daphnes(log_dir, project, env, **options):
         Server(log_dir, application="mysite.asgi:application", cwd=project, **options, **env)
         for _ in range(2)
     ]
-    for server in servers:
-        server.start()
+    return start_all(servers)
+
+
+def start_all(servers):
+    """Starts each of `servers`; if one fails, stops those started before it."""
+    for number, server in enumerate(servers):
+        try:
+            server.start()
+        except BaseException:
+            for started in servers[:number]:
+                started.stop()
+            raise
     return servers
 
 
@@ -3124,18 +3145,20 @@ def readme_wsgi_shape(directory, project, env):
     front, pages_port, streams_port = free_port(), free_port(), free_port()
     (gunicorn,) = readme_commands(KEEP_GUNICORN, "gunicorn mysite.wsgi")
     (daphne,) = readme_commands(KEEP_GUNICORN, "daphne")
-    pages, streams = (
-        Server(
-            directory,
-            kind,
-            command=on_ports(command, [pages_port, streams_port]),
-            port=port,
-            cwd=project,
-            **env,
-        ).start()
-        for kind, command, port in [
-            ("gunicorn", gunicorn, pages_port),
-            ("daphne", daphne, streams_port),
+    pages, streams = start_all(
+        [
+            Server(
+                directory,
+                kind,
+                command=on_ports(command, [pages_port, streams_port]),
+                port=port,
+                cwd=project,
+                **env,
+            )
+            for kind, command, port in [
+                ("gunicorn", gunicorn, pages_port),
+                ("daphne", daphne, streams_port),
+            ]
         ]
     )
     config = readme_nginx_config([front, pages_port, streams_port], KEEP_GUNICORN)
