@@ -2501,7 +2501,8 @@ def test_a_log_that_went_back_is_told_and_followed_on_every_process(
 ):
     """`flush`, a restore from a backup, or TRUNCATE ... RESTART IDENTITY with the servers
     running: new positions are below what the processes read."""
-    publisher({"before": 1})
+    for number in range(5):  # more than comes after: else the new log would reach the old
+        publisher({"before": number})
     servers = two_daphnes(tmp_path, events_project, postgresql.env)
     try:
         cookie = session_cookie(servers[0].url)
@@ -2515,7 +2516,11 @@ def test_a_log_that_went_back_is_told_and_followed_on_every_process(
             comes_back = Follower([servers[1].url], cookie, last_event_id="999999")
             with following([comes_back]):
                 third = publisher({"after": 3})
-                eventually(lambda: comes_back.data, 10, "the event after a lost position")
+                eventually(
+                    lambda: comes_back.data and all(len(each.data) == 2 for each in followers),
+                    10,
+                    "the event after a lost position, everywhere",
+                )
         for each in followers:
             (told, kind, _), *rest = each.events
             assert kind == "missed" and told >= first
