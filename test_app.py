@@ -2175,14 +2175,25 @@ def post_from_the_view(http, text):
 
 
 def database_connections(pid, port):
-    """How many connections process `pid` holds to the database on `port`."""
+    """The local ports of the connections process `pid` holds to the database on `port`."""
     sockets = {os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()}
-    connections = 0
+    ports = []
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
         if int(fields[2].split(":")[1], 16) == port and f"socket:[{fields[9]}]" in sockets:
-            connections += 1
-    return connections
+            ports.append(int(fields[1].split(":")[1], 16))
+    return ports
+
+
+def feed_connections(pid, postgresql):
+    """The names of the feed's connections in process `pid`. Only the feed's: the pool's
+    have none, and their number is the pool's to change at any moment."""
+    rows = postgresql.sql(
+        "SELECT application_name FROM pg_stat_activity"
+        " WHERE client_port = ANY(%s) AND application_name LIKE 'live %%'",
+        database_connections(pid, postgresql.port),
+    )
+    return sorted(name for (name,) in rows)
 
 
 def newest_position(postgresql):
@@ -2367,7 +2378,7 @@ def test_300_streams_hold_one_listener_connection_per_process(
         # A login on each process opens its pool; the feeds are not started yet.
         cookies = [session_cookie(server.url) for server in servers]
         cookie = f"Cookie: {cookies[0]}\r\n"
-        before = [database_connections(s.process.pid, postgresql.port) for s in servers]
+        before = [feed_connections(s.process.pid, postgresql) for s in servers]
 
         async def hold_300():
             streams = []
@@ -2376,7 +2387,7 @@ def test_300_streams_hold_one_listener_connection_per_process(
             await until(lambda: all(len(each.arrivals) >= 1 for each in streams), 20)
             await asyncio.to_thread(publisher, {"to": 300})
             await until(lambda: all(len(each.arrivals) >= 2 for each in streams), 10)
-            held = [database_connections(s.process.pid, postgresql.port) for s in servers]
+            held = [feed_connections(s.process.pid, postgresql) for s in servers]
             for each in streams:
                 each.transport.close()
             return {each.status for each in streams}, held
@@ -2386,7 +2397,8 @@ def test_300_streams_hold_one_listener_connection_per_process(
         for server in servers:
             server.stop()
     assert statuses == {200}
-    assert held == [count + 2 for count in before], "the pool's, and the feed's two: its own"
+    assert before == [[], []]
+    assert held == [["live listener", "live reader"]] * 2, "the feed's two, however many streams"
     for server in servers:
         assert "Traceback" not in server.served
 
@@ -2479,7 +2491,6 @@ def test_a_terminated_listener_connection_loses_nothing(two_processes, postgresq
     followers = [Follower([server.url], cookie) for server in two_processes]
     pids = [server.process.pid for server in two_processes]
     with following(followers):
-        before = [database_connections(pid, postgresql.port) for pid in pids]
         postgresql.sql(f"SELECT pg_terminate_backend(pid) {LISTENERS}")
         position = publisher({"while nobody listened": 1})
         eventually(lambda: all(each.data for each in followers), 10, "the event")
@@ -2489,7 +2500,10 @@ def test_a_terminated_listener_connection_loses_nothing(two_processes, postgresq
     for server in two_processes:
         server.wait_for_log("cannot follow the event log, trying again")
     eventually(
-        lambda: [database_connections(pid, postgresql.port) for pid in pids] == before,
+        lambda: (
+            [feed_connections(pid, postgresql) for pid in pids]
+            == [["live listener", "live reader"]] * 2
+        ),
         10,
         "each process's listener again",
     )
@@ -2826,7 +2840,7 @@ def test_a_plain_eventsource_comes_back_by_itself_after_the_log_was_out_of_reach
         server.wait_for_log("cannot follow the event log")
         server.wait_for_log(r'"GET /stream/" 200', timeout=15)  # told to come back later
         relay.forward()
-        eventually(lambda: database_connections(server.process.pid, relay.port) == 2, 10)
+        eventually(lambda: len(database_connections(server.process.pid, relay.port)) == 2, 10)
         publisher({"back": 1})
         expect(page.locator("#events li")).to_have_text(['{"back": 1}'], timeout=20000)
     finally:
