@@ -17,6 +17,7 @@ Measure: python test_app.py bench [STREAMS] [--server daphne|uvicorn|hypercorn|g
          python test_app.py storm [CLIENTS]
          python test_app.py bench-events [STREAMS]
          python test_app.py bench-deploy [STREAMS]
+         python test_app.py bench-replies [ANSWERS]
 """
 
 import asyncio
@@ -33,6 +34,7 @@ import os
 import random
 import re
 import resource
+import secrets
 import selectors
 import shlex
 import shutil
@@ -2442,14 +2444,14 @@ READ_ON_THE_PAGE = (
 )
 
 
-def log_in_on_the_page(page, url, then="live"):
-    """Logs in through Django's admin, which sends the browser on to the page; until the
-    page says `then`."""
-    page.goto(url + "/admin/login/?next=/")
+def log_in_on_the_page(page, url, then="live", path="/"):
+    """Logs in through Django's admin, which sends the browser on to the page at `path`;
+    until the page says `then`."""
+    page.goto(url + f"/admin/login/?next={path}")
     page.fill("#id_username", "admin")
     page.fill("#id_password", PASSWORD)
     page.click("input[type=submit]")
-    page.wait_for_url(url + "/")
+    page.wait_for_url(url + path)
     expect(page.locator("#state")).to_have_text(then, timeout=5000)
 
 
@@ -3456,7 +3458,760 @@ def test_the_stream_under_a_wsgi_server_says_so_once_and_the_page_stops_asking(
     assert "Traceback" not in server.served, server.served
 
 
-# 7. Measurements, not tests: python test_app.py bench|storm ----------------------
+# 7. A reply streamed as it is made: the next chapter, with a stand-in for the model ----
+
+CHAT = "Stream a reply as it is made"
+CHAT_FILES = [
+    "mysite/settings.py",
+    "live/models.py",
+    "live/replies.py",
+    "live/management/commands/replies.py",
+    "live/chat.py",
+    "live/templates/live/chat.html",
+    "mysite/urls.py",
+]
+
+
+def answer_to(messages):
+    """The stand-in's answer: it names the turn and the prompt, and holds what a page must
+    show as text (markup, a line break, characters outside the BMP)."""
+    prompt = messages[-1]["content"]
+    turn = sum(message["role"] == "user" for message in messages)
+    return f"Turn {turn}: «{prompt}» <b>not bold</b>\n" + "".join(
+        f"word{number} 🦾 " for number in range(200)
+    )
+
+
+class StandIn:
+    """The model, as the tests have it: a server of OpenAI's chat completions and of
+    Anthropic's messages, streaming each answer in `chunks` at `per_second`, or as a
+    prompt says ("[400 at 20/s]"); failing where a prompt says so ([429], [500], [break]
+    mid-answer, [stall] mid-answer), or refusing connections after refuse(). Each request
+    is kept: its messages, its chunks, when each went out, when its client hung up; a
+    process of its own gives them as JSON at /records."""
+
+    PACE = re.compile(r"\[(\d+) at (\d+)/s\]")
+
+    def __init__(self, port=None, chunks=30, per_second=100):
+        self.port, self.chunks, self.per_second = port or free_port(), chunks, per_second
+        self.requests = []
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.listen()
+
+    def listen(self):
+        serving = asyncio.start_server(self.serve, "127.0.0.1", self.port, reuse_address=True)
+        self.server = asyncio.run_coroutine_threadsafe(serving, self.loop).result(5)
+
+    def refuse(self):
+        """Stops listening: connections are refused, until listen()."""
+        asyncio.run_coroutine_threadsafe(self.stop_listening(), self.loop).result(5)
+
+    async def stop_listening(self):
+        self.server.close()
+
+    def request_for(self, prompt):
+        """The latest request whose prompt was `prompt`."""
+        return [each for each in self.requests if each.messages[-1]["content"] == prompt][-1]
+
+    async def serve(self, reader, writer):
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            if head.startswith(b"GET /records "):
+                records = json.dumps([vars(each) for each in self.requests]).encode()
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(records), records)
+                )
+                return await writer.drain()
+            length = int(re.search(rb"(?im)^content-length: *(\d+)", head)[1])
+            body = json.loads(await reader.readexactly(length))
+            request = SimpleNamespace(
+                messages=body["messages"], received=time.time(), sent=[], hung_up=None
+            )
+            self.requests.append(request)
+            anthropic = head.split()[1].endswith(b"/messages")
+            streaming = asyncio.ensure_future(self.stream(request, writer, anthropic))
+            closed = asyncio.ensure_future(reader.read(1))  # b"" once the client hangs up
+            await asyncio.wait([streaming, closed], return_when=asyncio.FIRST_COMPLETED)
+            # The client's close seen as the end of what it sends, or as a reset.
+            if not streaming.done() or isinstance(streaming.exception(), ConnectionError):
+                request.hung_up = time.time()
+                streaming.cancel()
+            closed.cancel()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def stream(self, request, writer, anthropic):
+        prompt = request.messages[-1]["content"]
+        if refused := re.search(r"\[(429|500)\]", prompt):
+            body = b'{"error": {"type": "stand_in", "message": "as the prompt asked"}}'
+            writer.write(
+                b"HTTP/1.1 %b Refused\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n%b"
+                % (refused[1].encode(), len(body), body)
+            )
+            return await writer.drain()
+        chunks, per_second = self.chunks, self.per_second
+        if pace := self.PACE.search(prompt):
+            chunks, per_second = int(pace[1]), int(pace[2])
+        text = answer_to(request.messages)
+        size = -(-len(text) // chunks)
+        request.pieces = pieces = [
+            text[start : start + size] for start in range(0, len(text), size)
+        ]
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        )
+
+        def send(kind, data):
+            event = (f"event: {kind}\n" if anthropic else "") + f"data: {json.dumps(data)}\n\n"
+            writer.write(b"%x\r\n%b\r\n" % (len(event.encode()), event.encode()))
+
+        counted = {"input_tokens": len(request.messages), "output_tokens": len(pieces)}
+        message = {"id": "stand-in", "type": "message", "role": "assistant", "content": []}
+        chunk = {"id": "stand-in", "object": "chat.completion.chunk", "created": 0}
+        if anthropic:
+            message.update(model="stand-in", stop_reason=None, stop_sequence=None)
+            send(
+                "message_start",
+                {
+                    "type": "message_start",
+                    "message": {
+                        **message,
+                        "usage": {"input_tokens": counted["input_tokens"], "output_tokens": 0},
+                    },
+                },
+            )
+            send(
+                "content_block_start",
+                {
+                    "type": "content_block_start",
+                    "index": 0,
+                    "content_block": {"type": "text", "text": ""},
+                },
+            )
+        started = time.monotonic()
+        for number, piece in enumerate(pieces):
+            if number == 3 and "[break]" in prompt:
+                return  # the connection goes, mid-answer
+            if number == 3 and "[stall]" in prompt:
+                await asyncio.Event().wait()  # not a byte more
+            if anthropic:
+                send(
+                    "content_block_delta",
+                    {
+                        "type": "content_block_delta",
+                        "index": 0,
+                        "delta": {"type": "text_delta", "text": piece},
+                    },
+                )
+            else:
+                send(
+                    "chunk",
+                    {
+                        **chunk,
+                        "model": "stand-in",
+                        "choices": [
+                            {"index": 0, "delta": {"content": piece}, "finish_reason": None}
+                        ],
+                    },
+                )
+            await writer.drain()
+            request.sent.append(time.time())
+            await asyncio.sleep(max(0, started + (number + 1) / per_second - time.monotonic()))
+        if anthropic:
+            send("content_block_stop", {"type": "content_block_stop", "index": 0})
+            send(
+                "message_delta",
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                    "usage": {"output_tokens": counted["output_tokens"]},
+                },
+            )
+            send("message_stop", {"type": "message_stop"})
+        else:
+            usage = {
+                "prompt_tokens": counted["input_tokens"],
+                "completion_tokens": counted["output_tokens"],
+                "total_tokens": sum(counted.values()),
+            }
+            send("chunk", {**chunk, "model": "stand-in", "choices": [], "usage": usage})
+            writer.write(b"e\r\ndata: [DONE]\n\n\r\n")
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    def close(self):
+        self.refuse()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+    @classmethod
+    def serve_forever(cls, port):
+        """A stand-in in a process of its own, for a benchmark: it takes a core of its own."""
+        cls(port)
+        threading.Event().wait()
+
+
+class ReplyWorker:
+    """`python manage.py replies` in a process of its own, its output in a file."""
+
+    def __init__(self, log_dir, project, env):
+        self.log_dir, self.project, self.env = log_dir, project, env
+        self.starts, self.served = 0, ""
+
+    def start(self):
+        self.starts += 1
+        self.log_path = self.log_dir / f"worker-{id(self)}-{self.starts}.log"
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "manage.py", "replies"],
+                cwd=self.project,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        return self
+
+    def stop(self, timeout=20):
+        """SIGTERM, as a deploy sends it; SIGKILL if it has not ended within `timeout`."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.served += self.log_path.read_text(errors="replace")
+        return self.process.returncode
+
+    def kill(self):
+        self.process.kill()
+        self.process.wait()
+        self.served += self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def stand_in():
+    model = StandIn()
+    yield model
+    model.close()
+
+
+@pytest.fixture(scope="module")
+def chat_database():
+    """A PostgreSQL of its own: the chat's project has a model more than the last one's."""
+    pytest.importorskip("psycopg", reason="pip install psycopg[binary]")
+    database = PostgreSQL(fsync="off").start()
+    try:
+        database.sql("CREATE DATABASE mysite", dbname="postgres")
+        yield database
+    finally:
+        database.stop()
+        shutil.rmtree(database.directory, ignore_errors=True)
+
+
+def make_chat_project(root, database, stand_in):
+    """The project of the last two chapters with this one's files added, on `database`,
+    with the stand-in for the model, its answers failing after 2 s without a byte."""
+    chapters = {OWN_PROJECT: OWN_PROJECT_FILES, EVENTS: EVENTS_FILES, CHAT: CHAT_FILES}
+    make_project(root, chapters, **database.env)
+    for name, lines in TEST_SETTINGS.items():
+        base = "settings" if name == "deployed" else "settings_deployed"
+        (root / "mysite" / f"settings_{name}.py").write_text(
+            f"import os\n\nfrom .{base} import *  # noqa\n\n{lines}\n"
+        )
+    (root / "mysite" / "settings_chat.py").write_text(
+        "from .settings_deployed import *  # noqa\n\n"
+        f'MODEL_URL = "http://127.0.0.1:{stand_in.port}/v1"\n'
+        'MODEL_KEY = "a key for the stand-in"\n'
+        'MODEL_NAME = "stand-in"\n'
+        "MODEL_STALL = 2\n"
+    )
+    (root / "mysite" / "settings_chat_small_log.py").write_text(
+        "from .settings_chat import *  # noqa\n\nSSE_LOG_SIZE = 100\n"
+    )
+    (root / "mysite" / "settings_anthropic.py").write_text(
+        f'from .settings_chat import *  # noqa\n\nMODEL_URL = "http://127.0.0.1:{stand_in.port}"\n'
+    )
+    return root
+
+
+@pytest.fixture(scope="module")
+def chat_project(chat_database, stand_in, tmp_path_factory):
+    return make_chat_project(tmp_path_factory.mktemp("chat"), chat_database, stand_in)
+
+
+CHAT_SETTINGS = {"DJANGO_SETTINGS_MODULE": "mysite.settings_chat"}
+
+
+@pytest.fixture(scope="module")
+def chat(chat_project, chat_database, tmp_path_factory):
+    """Two Daphne processes and two workers on the chat's project, as deployed."""
+    logs = tmp_path_factory.mktemp("chat-servers")
+    env = {**chat_database.env, **CHAT_SETTINGS}
+    servers = two_daphnes(logs, chat_project, env)
+    workers = [ReplyWorker(logs, chat_project, env).start() for _ in range(2)]
+    yield SimpleNamespace(servers=servers, workers=workers, urls=[s.url for s in servers])
+    for each in [*workers, *servers]:
+        each.stop()
+    for each in [*workers, *servers]:
+        assert "Traceback" not in each.served, each.served
+
+
+SHOWN = """() => [...document.querySelectorAll("#replies li")].map((item) => ({
+    prompt: item.querySelector(".prompt").textContent,
+    answer: item.querySelector(".answer").textContent,
+    status: item.querySelector(".status").textContent,
+    markup: item.querySelector(".answer").children.length,
+}))"""
+
+
+def open_chat(page, url):
+    log_in_on_the_page(page, url, path="/chat/")
+
+
+def ask_on_the_page(page, prompt):
+    page.fill("#send textarea", prompt)
+    page.click("#send button")
+
+
+def reply_on(page, prompt):
+    """The page's latest reply to `prompt`: its answer, its status, its buttons."""
+    return page.locator("#replies li").filter(has=page.locator(".prompt", has_text=prompt)).last
+
+
+def until_status(page, prompt, status, timeout=10):
+    expect(reply_on(page, prompt).locator(".status")).to_have_text(status, timeout=timeout * 1000)
+
+
+def until_answered_at_least(page, prompt, characters, timeout=10):
+    answer = reply_on(page, prompt).locator(".answer")
+    deadline = time.monotonic() + timeout
+    while len(answer.text_content() or "") < characters:
+        assert time.monotonic() < deadline, f"no {characters} characters of {prompt!r}"
+        page.wait_for_timeout(20)
+
+
+def shown_answer(page, prompt):
+    return reply_on(page, prompt).locator(".answer").text_content()
+
+
+def saved(database, prompt):
+    (row,) = database.sql(
+        "SELECT status, why, text, parts, tokens_in, tokens_out FROM live_reply WHERE prompt = %s",
+        prompt,
+    )
+    return SimpleNamespace(
+        **dict(zip(["status", "why", "text", "parts", "tokens_in", "tokens_out"], row))
+    )
+
+
+def unique(prompt):
+    """`prompt`, told from every other: by the system's randomness, which hypothesis, that
+    makes `random` repeat itself from one example to the next, leaves alone."""
+    return f"{prompt} {secrets.token_hex(4)}"
+
+
+@layer("chat", "browser")
+def test_a_reply_grows_on_the_page_as_text_and_is_saved_with_its_conversation(
+    chat, chat_database, stand_in, page
+):
+    open_chat(page, chat.urls[0])
+    first, second = unique("What is SSE?"), unique("And resuming?")
+    ask_on_the_page(page, first)
+    until_status(page, first, "finished")
+    ask_on_the_page(page, second)
+    until_status(page, second, "finished")
+    asked = stand_in.request_for(second).messages
+    assert asked == [
+        {"role": "user", "content": first},
+        {"role": "assistant", "content": answer_to(asked[:1])},
+        {"role": "user", "content": second},
+    ], "the conversation so far, then the prompt"
+    for prompt in first, second:
+        made = answer_to(stand_in.request_for(prompt).messages)
+        assert shown_answer(page, prompt) == made
+        row = saved(chat_database, prompt)
+        assert (row.status, row.text) == ("finished", made)
+        assert (row.tokens_in, row.tokens_out) == (len(stand_in.request_for(prompt).messages), 30)
+    assert {each["markup"] for each in page.evaluate(SHOWN)} == {0}, "text, never HTML"
+    page.reload()  # the conversation, as saved
+    expect(page.locator("#state")).to_have_text("live")
+    assert [(each["prompt"], each["status"]) for each in page.evaluate(SHOWN)][-2:] == [
+        (first, "finished"),
+        (second, "finished"),
+    ]
+
+
+@layer("chat", "browser")
+def test_a_reload_and_a_second_tab_on_the_other_process_show_the_answer_byte_for_byte(
+    chat, stand_in, page
+):
+    open_chat(page, chat.urls[0])
+    prompt = unique("A long one [150 at 50/s]")
+    ask_on_the_page(page, prompt)
+    until_answered_at_least(page, prompt, 100)
+    page.reload()  # mid-answer
+    until_answered_at_least(page, prompt, 400)
+    other = page.context.new_page()
+    other.goto(chat.urls[1] + "/chat/")
+    until_status(page, prompt, "finished")
+    until_status(other, prompt, "finished")
+    made = answer_to(stand_in.request_for(prompt).messages)
+    assert shown_answer(page, prompt) == made
+    assert shown_answer(other, prompt) == made
+    other.close()
+
+
+@layer("chat", "browser")
+def test_a_page_whose_position_the_log_no_longer_has_shows_the_text_so_far_and_goes_on(
+    chat, chat_project, chat_database, stand_in, page, tmp_path
+):
+    server = Server(
+        tmp_path,
+        application="mysite.asgi:application",
+        cwd=chat_project,
+        DJANGO_SETTINGS_MODULE="mysite.settings_chat_small_log",  # 100 events kept
+        **chat_database.env,
+    ).start()
+    loads = []
+    try:
+        open_chat(page, server.url)
+        prompt = unique("Away for long [240 at 50/s]")
+        ask_on_the_page(page, prompt)
+        until_answered_at_least(page, prompt, 100)
+        server.stop()
+        expect(page.locator("#state")).to_have_text("reconnecting")
+        page.on("load", lambda _: loads.append(1))
+        in_project(
+            chat_project,
+            chat_database,
+            "from live.events import publish\nfor n in range(150):\n    publish({'filler': n})",
+        )
+        server.start()  # its feed deletes what is 100 positions behind the newest
+        until_status(page, prompt, "finished", timeout=15)
+    finally:
+        server.stop()
+    assert loads, "told it missed what the log no longer has: the page read the rows again"
+    assert shown_answer(page, prompt) == answer_to(stand_in.request_for(prompt).messages)
+
+
+@layer("chat", "browser")
+def test_stop_in_a_tab_on_the_other_process_closes_the_model_within_1_s_and_all_say_so(
+    chat, chat_database, stand_in, page
+):
+    open_chat(page, chat.urls[0])
+    prompt = unique("Stop me [400 at 30/s]")
+    ask_on_the_page(page, prompt)
+    until_answered_at_least(page, prompt, 50)
+    other = page.context.new_page()
+    other.goto(chat.urls[1] + "/chat/")
+    expect(other.locator("#state")).to_have_text("live")
+    stopped_at = time.time()
+    reply_on(other, prompt).locator(".stop").click()
+    until_status(page, prompt, "stopped")
+    until_status(other, prompt, "stopped")
+    hung_up = stand_in.request_for(prompt).hung_up
+    row = saved(chat_database, prompt)
+    assert hung_up is not None and hung_up - stopped_at < 1, "the model's connection closed"
+    assert row.status == "stopped" and row.text
+    assert shown_answer(page, prompt) == shown_answer(other, prompt) == row.text
+    assert answer_to(stand_in.request_for(prompt).messages).startswith(row.text)
+    assert not reply_on(page, prompt).locator(".again").is_hidden(), "it can be tried again"
+    other.close()
+
+
+@layer("chat", "browser")
+def test_a_killed_worker_fails_its_reply_within_10_s_and_the_page_tries_again(
+    chat, chat_database, stand_in, page
+):
+    open_chat(page, chat.urls[1])
+    prompt = unique("Killed [120 at 50/s]")
+    ask_on_the_page(page, prompt)
+    until_answered_at_least(page, prompt, 50)
+    ((worker,),) = chat_database.sql("SELECT worker FROM live_reply WHERE prompt = %s", prompt)
+    making = next(each for each in chat.workers if f":{each.process.pid}" in worker)
+    killed = time.monotonic()
+    making.kill()
+    until_status(page, prompt, "failed: its worker stopped: try again", timeout=10)
+    within = time.monotonic() - killed
+    making.start()
+    row = saved(chat_database, prompt)
+    assert row.text and shown_answer(page, prompt) == row.text, "the text so far, kept"
+    reply_on(page, prompt).locator(".again").click()
+    until_status(page, prompt, "finished")
+    assert shown_answer(page, prompt) == answer_to(stand_in.request_for(prompt).messages)
+    assert within < 10
+
+
+FAULTS = {  # what the model does: the prompt that asks for it, what the page then says
+    "refuses the connection": ("", "the model could not be reached"),
+    "answers 429": ("[429]", "the model answered 429"),
+    "answers 500": ("[500]", "the model answered 500"),
+    "breaks off mid-answer": ("[break]", "the model's answer broke off"),
+    "stalls mid-answer": ("[stall]", "the model sent nothing for 2 s"),
+}
+
+
+@layer("chat", "browser")
+@pytest.mark.parametrize("fault", FAULTS)
+def test_a_model_that_fails_ends_the_answer_and_the_page_says_why(
+    chat, chat_database, stand_in, page, fault
+):
+    asks_for, why = FAULTS[fault]
+    prompt = unique(f"Fail {asks_for}")
+    open_chat(page, chat.urls[0])
+    if fault == "refuses the connection":
+        stand_in.refuse()
+    try:
+        ask_on_the_page(page, prompt)
+        until_status(page, prompt, f"failed: {why}", timeout=10)
+    finally:
+        if fault == "refuses the connection":
+            stand_in.listen()
+    row = saved(chat_database, prompt)
+    assert (row.status, row.why) == ("failed", why)
+    assert shown_answer(page, prompt) == row.text, "the text so far, kept"
+    if asks_for in ("[break]", "[stall]"):
+        assert row.text and answer_to(stand_in.request_for(prompt).messages).startswith(row.text)
+    assert not reply_on(page, prompt).locator(".again").is_hidden()
+
+
+BAD_PROMPTS = {"empty": "", "too long": "x" * 4001, "a NUL character": "a\x00b"}
+
+
+@layer("chat", "browser")
+def test_bad_prompts_get_400_and_more_replies_at_once_than_allowed_429_which_the_page_shows(
+    chat, chat_database, page
+):
+    before = chat_database.sql("SELECT count(*) FROM live_reply")
+    with logged_in(chat.urls[0]) as http:
+        csrf = {"X-CSRFToken": http.cookies["csrftoken"]}
+        statuses = {
+            why: http.post("/chat/send/", data={"prompt": prompt}, headers=csrf).status_code
+            for why, prompt in BAD_PROMPTS.items()
+        }
+    assert statuses == dict.fromkeys(BAD_PROMPTS, 400)
+    assert chat_database.sql("SELECT count(*) FROM live_reply") == before
+    open_chat(page, chat.urls[1])
+    prompts = [unique(f"One of many [400 at 30/s] {number}") for number in range(4)]
+    for prompt in prompts[:3]:
+        ask_on_the_page(page, prompt)
+        until_status(page, prompt, "running")
+    ask_on_the_page(page, prompts[3])
+    expect(page.locator("#refused")).to_have_text("At most 3 replies at once: try again in 10 s")
+    with logged_in(chat.urls[0]) as http:
+        refused = http.post(
+            "/chat/send/",
+            data={"prompt": "one more"},
+            headers={"X-CSRFToken": http.cookies["csrftoken"]},
+        )
+    assert (refused.status_code, refused.headers["Retry-After"]) == (429, "10")
+    for prompt in prompts[:3]:
+        reply_on(page, prompt).locator(".stop").click()
+        until_status(page, prompt, "stopped")
+    assert reply_on(page, prompts[3]).count() == 0
+
+
+@layer("chat")
+def test_another_users_reply_is_neither_shown_nor_sent_nor_stoppable(
+    chat, chat_project, chat_database, stand_in
+):
+    cookies = log_in_users(chat_project, chat_database, {"ann": [], "bob": []})
+    anns, bobs = unique("Ann's [60 at 60/s]"), unique("Bob's")
+    follower = Follower([chat.urls[1]], cookies["bob"])
+    with following([follower]):
+        ann, bob = (Chatter(url, cookies[name]) for url, name in zip(chat.urls, ["ann", "bob"]))
+        assert ann.send(anns) == 202
+        eventually(lambda: chat_database.sql("SELECT 1 FROM live_reply WHERE prompt = %s", anns))
+        ((reply,),) = chat_database.sql("SELECT id FROM live_reply WHERE prompt = %s", anns)
+        stopped = bob.post(f"/chat/{reply}/stop/").status_code
+        page = bob.get("/chat/").text
+        eventually(lambda: saved(chat_database, anns).status == "finished", 10, "Ann's reply")
+        assert bob.send(bobs) == 202  # after Ann's reply: had Bob got hers, he got them first
+        eventually(lambda: any(data.get("status") == "finished" for data in follower.data), 10)
+    assert stopped == 404
+    assert anns not in page
+    assert {data["reply"] for data in follower.data} == {saved_id(chat_database, bobs)}
+
+
+class Chatter:
+    """A logged-in client of the chat's views, its session cookie and a CSRF token."""
+
+    def __init__(self, url, cookie):
+        self.token = secrets.token_hex(16)
+        self.http = httpx.Client(base_url=url, timeout=10)
+        self.headers = {"Cookie": f"{cookie}; csrftoken={self.token}", "X-CSRFToken": self.token}
+
+    def get(self, path):
+        return self.http.get(path, headers=self.headers)
+
+    def post(self, path, **data):
+        return self.http.post(path, data=data, headers=self.headers)
+
+    def send(self, prompt):
+        return self.post("/chat/send/", prompt=prompt).status_code
+
+
+def saved_id(database, prompt):
+    return database.sql("SELECT id FROM live_reply WHERE prompt = %s", prompt)[0][0]
+
+
+@layer("chat", "browser")
+def test_a_deploy_of_the_web_servers_and_of_the_worker_loses_no_answer(
+    chat, chat_database, stand_in, page
+):
+    open_chat(page, chat.urls[0])
+    prompt, during = unique("Through a deploy [150 at 50/s]"), unique("Asked during it")
+    ask_on_the_page(page, prompt)
+    until_answered_at_least(page, prompt, 50)
+    chat.servers[0].restart()  # the page's process: the page comes back to the new one
+    ((worker,),) = chat_database.sql("SELECT worker FROM live_reply WHERE prompt = %s", prompt)
+    making = next(each for each in chat.workers if f":{each.process.pid}" in worker)
+    told = time.monotonic()
+    stopping = threading.Thread(target=making.stop)  # SIGTERM: it ends what it makes
+    stopping.start()
+    ask_on_the_page(page, during)
+    until_status(page, during, "finished")
+    stopping.join(20)
+    ended_in = time.monotonic() - told
+    until_status(page, prompt, "finished")
+    making.start()
+    assert shown_answer(page, prompt) == answer_to(stand_in.request_for(prompt).messages)
+    ((other,),) = chat_database.sql("SELECT worker FROM live_reply WHERE prompt = %s", during)
+    assert other != worker, "the worker told to stop took no new reply"
+    assert making.process.returncode is None and ended_in < 10
+
+
+def in_place_of(source, block):
+    """`source` with each function that `block` defines replaced by the block's."""
+    names = re.findall(r"^(?:async )?def (\w+)", block, re.MULTILINE)
+    definition = r"(?:^@.*\n)*^(?:async )?def {}\(.*?(?=^\S)"
+    at = re.search(definition.format(names[0]), source, re.MULTILINE | re.DOTALL).start()
+    for name in names:
+        source = re.sub(definition.format(name), "", source, flags=re.MULTILINE | re.DOTALL)
+    return source[:at] + block + "\n\n" + source[at:]
+
+
+ANSWER_FROM_ANTHROPIC = """import asyncio, json
+from live.replies_anthropic import answer, failure
+
+
+async def main():
+    for prompt in PROMPTS:
+        usage, text, why = {}, "", None
+        try:
+            async for part in answer([{"role": "user", "content": prompt}], usage):
+                text += part
+        except Exception as error:
+            why = failure(error, began=text)
+        print(json.dumps([text, usage, why]))
+
+asyncio.run(main())
+"""
+
+
+@layer("chat", group="chat: elsewhere")
+def test_the_answer_for_anthropics_api_streams_from_it(chat_project, chat_database, stand_in):
+    readme = (HERE / "README.md").read_text().split(f"\n## {CHAT}\n")[1]
+    block = re.search(
+        r"in place of `model\(\)` and `answer\(\)`.*?```python\n(.*?)```", readme, re.DOTALL
+    )[1]
+    replies = (chat_project / "live" / "replies.py").read_text()
+    (chat_project / "live" / "replies_anthropic.py").write_text(in_place_of(replies, block))
+    prompts = [unique("Hello, Claude"), unique("Fail [429]"), unique("Break [break]")]
+    code = ANSWER_FROM_ANTHROPIC.replace("PROMPTS", repr(prompts))
+    output = in_project(chat_project, chat_database, code, settings="mysite.settings_anthropic")
+    answered, refused, broken = map(json.loads, output.splitlines())
+    made = answer_to([{"role": "user", "content": prompts[0]}])
+    assert answered == [made, {"input": 1, "output": 30}, None]
+    assert refused[2] == "the model answered 429"
+    assert broken[2] == "the model's answer broke off"
+    assert broken[0] and answer_to([{"role": "user", "content": prompts[2]}]).startswith(broken[0])
+
+
+@layer("chat", "browser", group="chat: elsewhere")
+@pytest.mark.parametrize("shape", ["gunicorn beside Daphne", "gunicorn's uvicorn workers"])
+def test_the_chat_works_where_the_project_already_runs(
+    chat, chat_project, chat_database, stand_in, page, tmp_path, shape
+):
+    env = {**chat_database.env, **CHAT_SETTINGS}
+    with contextlib.ExitStack() as running:
+        if shape == "gunicorn beside Daphne":
+            url = running.enter_context(readme_wsgi_shape(tmp_path, chat_project, env)).url
+        else:
+            server = readme_uvicorn_workers(tmp_path, chat_project, env)
+            running.callback(server.stop)
+            url = server.url
+        open_chat(page, url)
+        prompt = unique(f"Served by {shape}")
+        ask_on_the_page(page, prompt)
+        until_status(page, prompt, "finished")
+        assert shown_answer(page, prompt) == answer_to(stand_in.request_for(prompt).messages)
+        page.goto("about:blank")  # its stream closed, the servers stop at once
+
+
+CHATTERS = ["cat", "dan", "eva"]
+CHAT_STEPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("ask"), st.integers(0, 2)),
+        st.tuples(st.just("reload"), st.integers(0, 2), st.integers(0, 1)),  # on a process
+    ),
+    min_size=3,
+    max_size=8,
+)
+
+
+@layer("chat", "browser", group="chat: elsewhere")
+# Each example runs for seconds: a failing one is reported as it is, unshrunk.
+@settings(max_examples=3, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
+@given(steps=CHAT_STEPS)
+def test_each_page_ends_with_exactly_its_users_answers_whatever_reloads_it(
+    chat, chat_project, chat_database, stand_in, browser, steps
+):
+    cookies = log_in_users(chat_project, chat_database, {name: [] for name in CHATTERS})
+    contexts = [browser.new_context() for _ in CHATTERS]
+    try:
+        pages = []
+        for context, name in zip(contexts, CHATTERS):
+            session = cookies[name].removeprefix("sessionid=")
+            context.add_cookies([{"name": "sessionid", "value": session, "url": chat.urls[0]}])
+            pages.append(context.new_page())
+            pages[-1].goto(chat.urls[len(pages) % 2] + "/chat/")
+        asked = {name: [] for name in CHATTERS}
+        for step, who, *where in steps:
+            if step == "ask":
+                asked[CHATTERS[who]].append(unique(f"{CHATTERS[who]} asks [30 at 60/s]"))
+                ask_on_the_page(pages[who], asked[CHATTERS[who]][-1])
+            else:
+                pages[who].goto(chat.urls[where[0]] + "/chat/")
+            pages[who].wait_for_timeout(50)
+        for name, page in zip(CHATTERS, pages):
+            for prompt in asked[name]:
+                refused = page.locator("#refused").text_content()
+                if reply_on(page, prompt).count() or not refused:
+                    until_status(page, prompt, "finished")
+            rows = chat_database.sql(
+                "SELECT prompt, text FROM live_reply JOIN auth_user ON auth_user.id = user_id"
+                " WHERE username = %s ORDER BY live_reply.id",
+                name,
+            )
+            shown = [(each["prompt"], each["answer"]) for each in page.evaluate(SHOWN)]
+            assert shown == rows, name
+            for prompt, text in rows:
+                assert text == answer_to(stand_in.request_for(prompt).messages)
+    finally:
+        for context in contexts:
+            context.close()
+
+
+# 8. Measurements, not tests: python test_app.py bench|storm ----------------------
 
 # The ceiling for Python: the same stream (shared clock, bytes, chunked HTTP/1.1, retry,
 # resume) from asyncio alone, with no framework and no server library.
@@ -3936,13 +4691,14 @@ def bench_events(streams=3000):
         database.stop()
 
 
-def bench_project(root, database, readers):
-    """The chapters' project on `database`, served as deployed with no cap, through an
-    application role (not a superuser: the connection slots kept for superusers stay
-    free), and `readers` users logged in; its settings' environment and their sessions."""
+def bench_project(root, database, readers, make=make_events_project, base="settings_deployed"):
+    """The chapters' project on `database` (made by `make`), served with the settings of
+    `base` and no cap, through an application role (not a superuser: the connection slots
+    kept for superusers stay free), and `readers` users logged in; its settings'
+    environment and their sessions."""
     database.sql("CREATE DATABASE mysite", dbname="postgres")
     (root / "project").mkdir()
-    project = make_events_project(root / "project", database)
+    project = make(root / "project", database)
     for statement in (
         "CREATE ROLE app LOGIN",
         "GRANT ALL ON ALL TABLES IN SCHEMA public TO app",
@@ -3950,8 +4706,7 @@ def bench_project(root, database, readers):
     ):
         database.sql(statement)
     (project / "mysite" / "settings_bench.py").write_text(
-        "from .settings_deployed import *  # noqa\n\n"
-        "SSE_MAX_STREAMS = 1_000_000  # capacity, not the cap\n"
+        f"from .{base} import *  # noqa\n\nSSE_MAX_STREAMS = 1_000_000  # capacity, not the cap\n"
     )
     env = {**database.env, "PGUSER": "app", "DJANGO_SETTINGS_MODULE": "mysite.settings_bench"}
     code = READERS.replace("COUNT", str(readers))
@@ -4063,12 +4818,25 @@ def run_events_load(root, project, database, env, sessions):
             published = await published_over([({"for": user}, user) for user in users], 0.05)
             await asyncio.sleep(1)
             cpu = cpu_of_servers() - cpu_from - idle * (time.monotonic() - started)
-            got = {position: [] for position, _ in published}
+            got = {position: [] for position, _ in published}  # who got it, and when
             for username, each in readers:
                 for position in got.keys() & set(each.ids):
-                    got[position].append(username)
-            only_theirs = all(got[position] == [meant_for[position]] for position in got)
-            return cpu / count, latencies(published, [each for _, each in readers]), only_theirs
+                    got[position].append((username, each.times[each.ids.index(position)]))
+            at = dict(published)
+            astray = {
+                position: whom
+                for position, whom in got.items()
+                if [username for username, _ in whom] != [meant_for[position]]
+            }
+            for position, whom in astray.items():
+                print(
+                    f"event {position} for {meant_for[position]}, published at {at[position]:.3f},"
+                    f" reached {[(name, f'+{when - at[position]:.3f} s') for name, when in whom]}"
+                    f" {time.time() - at[position]:.3f} s after",
+                    flush=True,
+                )
+            latencies_all = latencies(published, [each for _, each in readers])
+            return cpu / count, latencies_all, not astray
 
         figures = {}
         counters = await connect_many(range(300))
@@ -4287,14 +5055,14 @@ async def stream(request):
 """
 
 
-def with_stream_view(project, name, code):
-    """The bench project with `code`'s `stream` view at /stream/ instead of the chapter's,
-    as module live/NAME.py; the settings module that serves it."""
+def with_stream_view(project, name, code, at="stream/"):
+    """The bench project with `code`'s `stream` view at `at`, before the chapter's, as
+    module live/NAME.py; the settings module that serves it."""
     (project / "live" / f"{name}.py").write_text(code)
     (project / "mysite" / f"urls_{name}.py").write_text(
         f"from django.urls import path\n\nfrom live.{name} import stream\n"
         "from mysite.urls import urlpatterns as chapter\n\n"
-        'urlpatterns = [path("stream/", stream), *chapter]\n'
+        f'urlpatterns = [path("{at}", stream), *chapter]\n'
     )
     (project / "mysite" / f"settings_{name}.py").write_text(
         f'from .settings_bench import *  # noqa\n\nROOT_URLCONF = "mysite.urls_{name}"\n'
@@ -4589,10 +5357,353 @@ def uvicorn_workers_load(root, project, env, sessions):
     }
 
 
+class ReplyReader(Listener):
+    """A load client for one user's stream, read as the chat page reads it: each event's
+    data, and when it arrived."""
+
+    def __init__(self, request):
+        super().__init__(request)
+        self.buffer, self.events = b"", []
+
+    def data_received(self, data):
+        super().data_received(data)
+        self.buffer += data
+        *whole, self.buffer = self.buffer.split(b"\n\n")
+        arrived = time.time()
+        for event in re.findall(rb"^data: (.*)$", b"\n\n".join(whole), re.MULTILINE):
+            self.events.append((arrived, json.loads(event)))
+
+    def of(self, prompt):
+        """The events of the reply to `prompt`."""
+        replies = {data["reply"] for _, data in self.events if data.get("prompt") == prompt}
+        return [(at, data) for at, data in self.events if data.get("reply") in replies]
+
+    def over(self, prompt):
+        return any(data.get("status") in ENDED for _, data in self.of(prompt))
+
+    def reply(self, prompt):
+        """The reply to `prompt` as the page builds it (each part once, in order): its
+        text; when each part arrived, with the text's length then; parts lost, doubled."""
+        parts = [(at, data) for at, data in self.of(prompt) if "part" in data]
+        numbers = [data["part"] for _, data in parts]
+        text, arrivals = "", []
+        for at, data in parts:
+            if data["part"] == len(arrivals):
+                text += data["text"]
+                arrivals.append((at, len(text)))
+        lost = max(numbers, default=-1) + 1 - len(set(numbers))
+        return text, arrivals, lost, len(numbers) - len(set(numbers))
+
+
+ENDED = ("finished", "stopped", "failed")
+
+
+def chunk_latencies(record, arrivals):
+    """Seconds from each chunk the model sent to the part that brought it to the page."""
+    latencies, end = [], 0
+    for piece, sent in zip(record["pieces"], record["sent"]):
+        end += len(piece)
+        arrived = next((at for at, reached in arrivals if reached >= end), None)
+        if arrived is not None:
+            latencies.append(arrived - sent)
+    return latencies
+
+
+class ChatLoad:
+    """The chat's project as deployed: two Daphne processes and two workers, the model a
+    stand-in in a process of its own; a stream and a client for each user."""
+
+    def __init__(self, root, database, project, env, sessions, model_port):
+        self.database, self.sessions = database, sessions
+        self.model = f"http://127.0.0.1:{model_port}"
+        endpoint = "tcp:port={port}:interface=127.0.0.1:backlog=8192"
+        self.servers = two_daphnes(root, project, env, endpoint=endpoint)
+        self.workers = [ReplyWorker(root, project, env).start() for _ in range(2)]
+        self.token = secrets.token_hex(16)  # a CSRF token of the client's own, cookie and header
+
+    def records(self):
+        """What the model was asked, by prompt: the latest request for each."""
+        records = httpx.get(f"{self.model}/records", timeout=60).json()
+        return {each["messages"][-1]["content"]: each for each in records}
+
+    def commits(self):
+        """WAL flushes so far: commits that wrote, one flush for those that commit at once."""
+        return self.database.sql("SELECT wal_sync FROM pg_stat_wal")[0][0]
+
+    def threads(self, kind):
+        processes = self.servers if kind == "Daphne" else self.workers
+        return max(proc_status(each.process.pid, "Threads") for each in processes)
+
+    async def readers(self, count):
+        loop = asyncio.get_running_loop()
+        readers = []
+        for index, (_, session) in enumerate(self.sessions[:count]):
+            request = (
+                f"GET /stream/ HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: sessionid={session}\r\n\r\n"
+            ).encode()
+            port = self.servers[index % 2].port
+            made = functools.partial(ReplyReader, request)
+            readers.append((await loop.create_connection(made, "127.0.0.1", port))[1])
+        await until(lambda: all(each.arrivals for each in readers), 30)
+        return readers
+
+    async def post(self, http, index, path, **data):
+        """A POST by user `index` to the process their stream is on; when it was sent."""
+        cookie = f"sessionid={self.sessions[index][1]}; csrftoken={self.token}"
+        url = self.servers[index % 2].url + path
+        sent = time.time()
+        answer = await http.post(
+            url, data=data, headers={"Cookie": cookie, "X-CSRFToken": self.token}
+        )
+        assert answer.status_code in (202, 204), (answer.status_code, answer.text)
+        return sent
+
+    async def answers(self, count, chunks, per_second, over=0.0, stop_after=None):
+        """`count` users each ask for an answer of `chunks` at `per_second`, one after
+        another over `over` seconds; with `stop_after`, each asks to stop it that many
+        seconds after asking."""
+        readers = await self.readers(count)
+        tag = secrets.token_hex(3)
+        prompts = [f"{tag} {user} [{chunks} at {per_second}/s]" for user, _ in self.sessions]
+
+        async def user(index):
+            await asyncio.sleep(over * index / count)
+            asked = await self.post(http, index, "/chat/send/", prompt=prompts[index])
+            if stop_after is None:
+                return asked, None
+            await asyncio.sleep(stop_after)
+            reply = readers[index].of(prompts[index])[0][1]["reply"]
+            return asked, await self.post(http, index, f"/chat/{reply}/stop/")
+
+        commits, threads, connections = self.commits(), {"Daphne": 0, "worker": 0}, 0
+        started = time.monotonic()
+        # One client for all: making one costs milliseconds of this loop, that every
+        # answer being read would wait for.
+        unlimited = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        async with httpx.AsyncClient(timeout=30, limits=unlimited) as http:
+            users = asyncio.gather(*map(user, range(count)))
+            while not users.done() or not all(map(ReplyReader.over, readers, prompts)):
+                connections = max(connections, connected(self.database))
+                threads = {kind: max(most, self.threads(kind)) for kind, most in threads.items()}
+                assert time.monotonic() < started + 30 + over + chunks / per_second, "not ended"
+                await asyncio.sleep(0.2)
+        commits = (self.commits() - commits) / (time.monotonic() - started)
+        records = await asyncio.to_thread(self.records)
+        for reader in readers:
+            reader.transport.close()
+        figures = SimpleNamespace(
+            commits=commits,
+            connections=connections,
+            threads=threads,
+            latencies=[],
+            added=[],
+            lost=0,
+            doubled=0,
+            inexact=0,
+            hang_ups=[],
+        )
+        for reader, prompt, (asked, stopped) in zip(readers, prompts, users.result()):
+            record = records[prompt]
+            text, arrivals, lost, doubled = reader.reply(prompt)
+            figures.latencies += chunk_latencies(record, arrivals)
+            model_first = record["sent"][0] - record["received"]
+            figures.added.append(arrivals[0][0] - asked - model_first)
+            figures.lost += lost
+            figures.doubled += doubled
+            made = answer_to(record["messages"])
+            figures.inexact += not made.startswith(text) if stopped else text != made
+            if stopped:
+                ended = [data for _, data in reader.of(prompt) if data.get("status") in ENDED]
+                assert record["hung_up"], (prompt, ended, len(record["sent"]))
+                figures.hang_ups.append(record["hung_up"] - stopped)
+        return figures
+
+    def stop(self):
+        for each in [*self.workers, *self.servers]:
+            each.stop()
+
+
+# What tutorials have: the provider's sync SDK iterated in a sync generator inside a
+# StreamingHttpResponse, the prompt in the query string.
+USUAL_RECIPE = """from django.conf import settings
+from django.http import StreamingHttpResponse
+from openai import OpenAI
+
+client = OpenAI(base_url=settings.MODEL_URL, api_key=settings.MODEL_KEY)
+
+
+def stream(request):
+    def answer():
+        for chunk in client.chat.completions.create(
+            model=settings.MODEL_NAME,
+            messages=[{"role": "user", "content": request.GET["prompt"]}],
+            stream=True,
+        ):
+            if chunk.choices and chunk.choices[0].delta.content:
+                yield chunk.choices[0].delta.content
+
+    return StreamingHttpResponse(answer(), content_type="text/plain")
+"""
+
+
+USUAL_GONE = 10  # clients that hang up, in the usual recipe's measurement
+
+
+def usual_recipe(server, model, count, chunks=60, per_second=30, gone=USUAL_GONE):
+    """`count` answers at once from the usual recipe on `server`, started: when each first
+    byte came, the most threads its processes had; then `gone` clients that hang up after
+    1 s: when the model's connection closed, if it did."""
+    tag = secrets.token_hex(3)
+
+    async def ask(number, hang_up_after=None):
+        """An answer read to its end: when its first byte came. Or the client gone after
+        `hang_up_after` seconds: when it went."""
+        prompt, started, first = f"{tag} {number} [{chunks} at {per_second}/s]", time.time(), None
+
+        async def read():
+            nonlocal first
+            async with (
+                httpx.AsyncClient(base_url=server.url, timeout=300) as http,
+                http.stream("GET", "/usual/", params={"prompt": prompt}) as answer,
+            ):
+                async for _ in answer.aiter_bytes():
+                    first = first or time.time() - started
+
+        reading = asyncio.create_task(read())
+        if hang_up_after is None:
+            await reading
+            return prompt, first
+        await asyncio.sleep(hang_up_after)
+        reading.cancel()
+        return prompt, time.time()
+
+    async def load():
+        children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children")
+        threads, tasks = 0, [asyncio.create_task(ask(number)) for number in range(count)]
+        while not all(task.done() for task in tasks):
+            pids = [server.process.pid, *map(int, children.read_text().split())]
+            threads = max(threads, sum(proc_status(pid, "Threads") or 0 for pid in pids))
+            await asyncio.sleep(0.1)
+        firsts = [first for _, first in await asyncio.gather(*tasks)]
+        hung_up = await asyncio.gather(*(ask(f"gone {number}", 1) for number in range(gone)))
+        await asyncio.sleep(chunks / per_second)  # long enough for the model to end
+        return firsts, threads, hung_up
+
+    firsts, threads, hung_up = run(load())
+    records = httpx.get(f"{model}/records", timeout=60).json()
+    records = {each["messages"][-1]["content"]: each for each in records}
+    asked = [(records[prompt], at) for prompt, at in hung_up if prompt in records]
+    closed = [record["hung_up"] - at for record, at in asked if record["hung_up"]]
+    return firsts, threads, closed, len(asked) - len(closed), gone - len(asked)
+
+
+def bench_replies(count=100):
+    """The chapter's chat on two Daphne processes and two workers, the model a stand-in
+    streaming 30 chunks a second: `count` answers at once, then stopped, then more
+    until the chunks' p99 passes 250 ms; beside it, the usual recipe."""
+    root = Path(tempfile.mkdtemp(prefix="sse-bench-replies-"))
+    database = PostgreSQL().start()  # fsync and synchronous commits on, as deployed
+    port = free_port()
+    model = subprocess.Popen(
+        [
+            "taskset",
+            "-c",
+            "1",
+            sys.executable,
+            "-c",
+            f"import test_app; test_app.StandIn.serve_forever({port})",
+        ],
+        cwd=HERE,
+    )
+    try:
+        wait_until_listening(port, model)
+        make = functools.partial(make_chat_project, stand_in=SimpleNamespace(port=port))
+        most = [count, 2 * count, 3 * count, 4 * count]
+        project, env, sessions = bench_project(root, database, most[-1], make, "settings_chat")
+        load = ChatLoad(root, database, project, env, sessions, port)
+        try:
+            run(load.answers(2, 10, 30))  # each process and worker warmed up
+            alone = [run(load.answers(1, 10, 30)).added[0] for _ in range(20)]
+            at_once = run(load.answers(count, 180, 30, over=3))
+            burst = run(load.answers(count, 60, 30))
+            stopping = run(load.answers(count, 600, 30, over=2, stop_after=2))
+            ceiling = []
+            for answers in most:
+                p99 = percentile(run(load.answers(answers, 180, 30, over=3)).latencies, 0.99)
+                ceiling.append(f"{answers}: {1000 * p99:.0f} ms")
+                if p99 > 0.25:
+                    break
+        finally:
+            load.stop()
+        usual = {}
+        for name, kind, command in (
+            ("Daphne", "daphne", None),
+            ("gunicorn --workers 4", "gunicorn", ["gunicorn", "mysite.wsgi", "--workers", "4"]),
+        ):
+            # Not at /stream/, which mysite/asgi.py serves outside Django's per-request thread.
+            settings_module = with_stream_view(project, "usual", USUAL_RECIPE, at="usual/")
+            port_usual = free_port()
+            server = Server(
+                root,
+                kind,
+                application="mysite.asgi:application",
+                cwd=project,
+                command=command
+                and [*command, "--timeout", "300", "--bind", f"127.0.0.1:{port_usual}"],
+                port=port_usual,
+                **{**env, "DJANGO_SETTINGS_MODULE": settings_module},
+            ).start()
+            try:
+                usual[name] = usual_recipe(server, f"http://127.0.0.1:{port}", count)
+            finally:
+                server.stop()
+
+        def p50_p99(values):
+            return f"{1000 * percentile(values, 0.5):.0f} / {1000 * percentile(values, 0.99):.0f}"
+
+        print(
+            f"\n{count} answers at once (asked over 3 s, 180 chunks at 30 a second), to pages"
+            f" on two Daphne processes, two workers; Python {sys.version.split()[0]}, Django"
+            f" {django.__version__}, PostgreSQL {database.version}"
+        )
+        rows = {
+            "chunk to the page, p50 / p99 ms": p50_p99(at_once.latencies),
+            "time added before the first chunk, one answer alone, p50 / p99 ms": p50_p99(alone),
+            f"  the same, {count} at once": p50_p99(at_once.added),
+            f"  the same, {count} asked in the same instant": p50_p99(burst.added),
+            "parts lost / doubled; answers not byte-exact": f"{at_once.lost} / {at_once.doubled}; {at_once.inexact}",
+            "commits that wrote (WAL flushes), a second": f"{at_once.commits:.0f}",
+            "database connections, in all": at_once.connections,
+            "threads, a Daphne / a worker": f"{at_once.threads['Daphne']} / {at_once.threads['worker']}",
+            f"Stop, {count} over 2 s: to the model's hang-up, p50 / p99 ms": p50_p99(
+                stopping.hang_ups
+            ),
+            "  lost / doubled; not what the model sent": f"{stopping.lost} / {stopping.doubled}; {stopping.inexact}",
+            "answers at once: chunk to the page, p99": ", ".join(ceiling),
+        }
+        for name, value in rows.items():
+            print(f"{name:66}{value:>24}")
+        print(f"\nThe usual recipe, {count} answers at once:")
+        gone = USUAL_GONE
+        for name, (firsts, threads, closed, went_on, unasked) in usual.items():
+            print(
+                f"{name:24} first byte p50 / p99 ms {p50_p99(firsts):>14}   threads, most {threads}"
+            )
+            print(
+                f"{'':24} {gone} clients gone after 1 s: the model hung up on {len(closed)}"
+                f" (after {p50_p99(closed) if closed else '-'} ms), went on to the end for"
+                f" {went_on}, was not asked yet for {unasked}"
+            )
+        print(f"logs: {root}")
+    finally:
+        model.kill()
+        database.stop()
+
+
 if __name__ == "__main__":
     usage = (
         "python test_app.py bench [STREAMS] [--server NAME] | storm [CLIENTS]"
-        " | bench-events [STREAMS] | bench-deploy [STREAMS]"
+        " | bench-events [STREAMS] | bench-deploy [STREAMS] | bench-replies [ANSWERS]"
     )
     command, *rest = sys.argv[1:] or ["bench"]
     server = rest[rest.index("--server") + 1] if "--server" in rest else "daphne"
@@ -4606,5 +5717,7 @@ if __name__ == "__main__":
         bench_events(int(count[0]) if count else 3000)
     elif command == "bench-deploy":
         bench_deploy(int(count[0]) if count else 3000)
+    elif command == "bench-replies":
+        bench_replies(int(count[0]) if count else 100)
     else:
         sys.exit(f"usage: {usage}; servers: {', '.join(SERVERS)}")
