@@ -4217,8 +4217,10 @@ def test_each_page_ends_with_exactly_its_users_answers_whatever_reloads_it(
 # resume) from asyncio alone, with no framework and no server library.
 BARE_ASYNCIO_SERVER = """
 import asyncio, random, re, sys
+import probe
 
 async def main(port, max_age):
+    asyncio.get_running_loop().create_task(probe.watch())
     tick = asyncio.Event()
 
     async def clock():
@@ -4258,6 +4260,66 @@ async def main(port, max_age):
 
 asyncio.run(main(int(sys.argv[1]), float(sys.argv[2])))
 """
+
+
+# In each measured server: its event loop's stalls and its collector's pauses, as lines
+# "<time.monotonic()> loop|gen0|gen1|gen2 <seconds>", a clock every process shares.
+PROBE = """
+import asyncio, gc, os, time
+
+out = open(os.environ["BENCH_STATS"], "a", buffering=1)
+began = []
+
+
+def timed(phase, info):
+    if phase == "start":
+        began.append(time.monotonic())
+    elif began:
+        now = time.monotonic()
+        out.write(f"{now} gen{info['generation']} {now - began.pop()}\\n")
+
+
+gc.callbacks.append(timed)
+
+
+async def watch(every=0.01):
+    loop = asyncio.get_running_loop()
+    while True:
+        before = loop.time()
+        await asyncio.sleep(every)
+        if (late := loop.time() - before - every) > 0.005:
+            out.write(f"{time.monotonic()} loop {late}\\n")
+"""
+# An ASGI application of $BENCH_APP's, watched by the probe from its first request.
+PROBED_ASGI_APP = """
+import asyncio, importlib, os
+import probe
+
+inner = importlib.import_module(os.environ["BENCH_APP"]).application
+watching = []
+
+
+async def application(scope, receive, send):
+    if not watching:
+        watching.append(asyncio.ensure_future(probe.watch()))
+    await inner(scope, receive, send)
+"""
+
+
+def stalls(stats, start, end):
+    """From the probe's lines, between `start` and `end`: the event loop's longest stall,
+    and the collector's pauses (all, and full collections), in seconds."""
+    seen = [line.split() for line in stats.read_text().splitlines()]
+    seen = [(kind, float(seconds)) for at, kind, seconds in seen if start <= float(at) <= end]
+    loop = [seconds for kind, seconds in seen if kind == "loop"]
+    pauses = [seconds for kind, seconds in seen if kind.startswith("gen")]
+    full = [seconds for kind, seconds in seen if kind == "gen2"]
+    return {
+        "loop's longest stall (ms)": 1000 * max(loop, default=0),
+        "collector: pauses, longest (ms)": 1000 * max(pauses, default=0),
+        "collector: full collections": len(full),
+        "collector: ms in pauses a second": 1000 * sum(pauses) / (end - start),
+    }
 
 
 # What Django costs: app.py's stream (shared clock, bytes, retry, resume, random ends) as a
@@ -4341,7 +4403,7 @@ def measure(command, port, log_path, measurement, **env):
         server.wait(10)
 
 
-async def load(pid, *, port, streams, hold):
+async def load(pid, *, port, streams, hold, stats):
     warm = await open_streams(port, 1)
     await until(lambda: len(warm[0].arrivals) >= 2, 10)
     warm[0].transport.close()
@@ -4371,6 +4433,7 @@ async def load(pid, *, port, streams, hold):
     figures["gap p99 (s)"] = gaps[int(len(gaps) * 0.99)]
     figures["gap max (s)"] = gaps[-1]
     figures["late gaps > 1.25 s (%)"] = 100 * sum(g > 1.25 for g in gaps) / len(gaps)
+    figures.update(stalls(stats, start, end))
 
     for listener in listeners:
         listener.transport.close()
@@ -4437,7 +4500,7 @@ async def proxy_restart(pid, port, clients):
     return figures
 
 
-async def turnover(pid, *, port, clients, seconds=60):
+async def turnover(pid, *, port, clients, stats, seconds=60):
     """Browser-like clients on streams that end every SSE_MAX_AGE and come back: a
     minute of that steady state, with whatever pauses the server takes in it."""
     ramp, warm_up = max(5, clients / 800), 25
@@ -4450,6 +4513,7 @@ async def turnover(pid, *, port, clients, seconds=60):
             each.gaps.clear()
         connections = sum(each.connections for each in crowd)
         rss, cpu_start, events = proc_status(pid, "VmRSS"), cpu_seconds(pid), total_ids(crowd)
+        start = time.monotonic()
         await asyncio.sleep(seconds)
         events = total_ids(crowd) - events
         figures["streams ended and begun per s"] = (
@@ -4463,6 +4527,7 @@ async def turnover(pid, *, port, clients, seconds=60):
         figures["RSS MB, minute's start/end"] = (
             f"{rss / 1024:.0f}/{proc_status(pid, 'VmRSS') / 1024:.0f}"
         )
+        figures.update(stalls(stats, start, start + seconds))
     finally:
         for task in tasks:
             task.cancel()
@@ -4513,22 +4578,31 @@ def bench(streams=4000, server="daphne", hold=20.0, max_age=20):
     held, dropped and restarted; then streams that end every `max_age` and come back."""
     os.sched_setaffinity(0, {1})
     logs = Path(tempfile.mkdtemp(prefix="sse-bench-"))
-    (logs / "plain_asgi.py").write_text(PLAIN_ASGI_APP)
-    applications = {"app.py": "app:application", "plain ASGI": "plain_asgi:application"}
+    for module, code in (
+        ("plain_asgi", PLAIN_ASGI_APP),
+        ("probe", PROBE),
+        ("probed", PROBED_ASGI_APP),
+    ):
+        (logs / f"{module}.py").write_text(code)
+    modules = {"app.py": "app", "plain ASGI": "plain_asgi", "bare asyncio": None}
     held, ending = {}, {}
-    for name in "app.py", "plain ASGI", "bare asyncio":
+    for name, module in modules.items():
         for results, phase, age in (held, "held", 100_000), (ending, "ending", max_age):
             port = free_port()
-            if name == "bare asyncio":
+            if module is None:
                 command = [sys.executable, "-c", BARE_ASYNCIO_SERVER, str(port), str(age)]
             else:
-                command = bench_command(server, applications[name], port)
+                command = bench_command(server, "probed:application", port)
+            stats = logs / f"{name.split()[0]}-{phase}.stats"
             if phase == "held":
-                measurement = functools.partial(load, port=port, streams=streams, hold=hold)
+                measurement = functools.partial(
+                    load, port=port, streams=streams, hold=hold, stats=stats
+                )
             else:
-                measurement = functools.partial(turnover, port=port, clients=streams)
+                measurement = functools.partial(turnover, port=port, clients=streams, stats=stats)
             log_path = logs / f"{name.split()[0]}-{phase}.log"
-            results[name] = measure(command, port, log_path, measurement, SSE_MAX_AGE=str(age))
+            env = {"SSE_MAX_AGE": str(age), "BENCH_APP": module or "", "BENCH_STATS": str(stats)}
+            results[name] = measure(command, port, log_path, measurement, **env)
     versions = f"Python {sys.version.split()[0]}, Django {django.__version__}, {server} " + (
         importlib.metadata.version(server)
     )
