@@ -3561,9 +3561,12 @@ class StandIn:
     async def stop_listening(self):
         self.server.close()
 
+    def requests_for(self, prompt):
+        return [each for each in self.requests if each.messages[-1]["content"] == prompt]
+
     def request_for(self, prompt):
         """The latest request whose prompt was `prompt`."""
-        return [each for each in self.requests if each.messages[-1]["content"] == prompt][-1]
+        return self.requests_for(prompt)[-1]
 
     async def serve(self, reader, writer):
         try:
@@ -4027,6 +4030,8 @@ def test_a_model_that_fails_ends_the_answer_and_the_page_says_why(
             stand_in.listen()
     row = saved(chat_database, prompt)
     assert (row.status, row.why) == ("failed", why)
+    reached = 0 if fault == "refuses the connection" else 1
+    assert len(stand_in.requests_for(prompt)) == reached, "no retry behind the page's back"
     assert shown_answer(page, prompt) == row.text, "the text so far, kept"
     if asks_for in ("[break]", "[stall]"):
         assert row.text and answer_to(stand_in.request_for(prompt).messages).startswith(row.text)
@@ -4118,7 +4123,8 @@ def test_a_deploy_of_the_web_servers_and_of_the_worker_loses_no_answer(
     chat, chat_database, stand_in, page
 ):
     open_chat(page, chat.urls[0])
-    prompt, during = unique("Through a deploy [150 at 50/s]"), unique("Asked during it")
+    # Longer than a lease: the worker told to stop renews it until its answer ends.
+    prompt, during = unique("Through a deploy [400 at 50/s]"), unique("Asked during it")
     ask_on_the_page(page, prompt)
     until_answered_at_least(page, prompt, 50)
     chat.servers[0].restart()  # the page's process: the page comes back to the new one
@@ -4137,6 +4143,12 @@ def test_a_deploy_of_the_web_servers_and_of_the_worker_loses_no_answer(
     ((other,),) = chat_database.sql("SELECT worker FROM live_reply WHERE prompt = %s", during)
     assert other != worker, "the worker told to stop took no new reply"
     assert making.process.returncode is None and ended_in < 10
+    said = chat_database.sql(
+        "SELECT data::jsonb->>'status' FROM live_event WHERE data::jsonb->>'reply' = %s"
+        " AND data::jsonb->>'status' IS NOT NULL ORDER BY position",
+        str(saved_id(chat_database, prompt)),
+    )
+    assert said == [("finished",)], "its lease renewed to the end: never failed on the way"
 
 
 def in_place_of(source, block):
