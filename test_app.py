@@ -4954,7 +4954,16 @@ def run_events_load(root, project, database, env, sessions):
             users = [sessions[random.randrange(open_streams)][0] for _ in range(count)]
             cpu_from, started = cpu_of_servers(), time.monotonic()
             published = await published_over([({"for": user}, user) for user in users], 0.05)
-            await asyncio.sleep(1)
+            # Up to 5 s for the last: one later than that is printed below, with when.
+            theirs = dict(readers)
+            with contextlib.suppress(AssertionError):
+                await until(
+                    lambda: all(
+                        position in theirs[meant_for[position]].ids for position, _ in published
+                    ),
+                    5,
+                )
+            await asyncio.sleep(0.5)  # and for a copy to any other stream
             cpu = cpu_of_servers() - cpu_from - idle * (time.monotonic() - started)
             got = {position: [] for position, _ in published}  # who got it, and when
             for username, each in readers:
