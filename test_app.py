@@ -1960,8 +1960,9 @@ class PostgreSQL:
         return {"host": "127.0.0.1", "port": self.port, "user": "mysite", "dbname": dbname}
 
 
-@pytest.fixture(scope="module")
-def postgresql():
+@contextlib.contextmanager
+def a_database():
+    """A PostgreSQL of its own with the project's database, removed after."""
     pytest.importorskip("psycopg", reason="pip install psycopg[binary]")
     database = PostgreSQL(fsync="off").start()
     try:
@@ -1970,6 +1971,12 @@ def postgresql():
     finally:
         database.stop()
         shutil.rmtree(database.directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def postgresql():
+    with a_database() as database:
+        yield database
 
 
 def make_events_project(root, postgresql):
@@ -3761,14 +3768,8 @@ def stand_in():
 @pytest.fixture(scope="module")
 def chat_database():
     """A PostgreSQL of its own: the chat's project has a model more than the last one's."""
-    pytest.importorskip("psycopg", reason="pip install psycopg[binary]")
-    database = PostgreSQL(fsync="off").start()
-    try:
-        database.sql("CREATE DATABASE mysite", dbname="postgres")
+    with a_database() as database:
         yield database
-    finally:
-        database.stop()
-        shutil.rmtree(database.directory, ignore_errors=True)
 
 
 def make_chat_project(root, database, stand_in):
