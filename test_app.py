@@ -3783,11 +3783,11 @@ def make_chat_project(root, database, stand_in):
             f"import os\n\nfrom .{base} import *  # noqa\n\n{lines}\n"
         )
     (root / "mysite" / "settings_chat.py").write_text(
-        "from .settings_deployed import *  # noqa\n\n"
+        "import os\n\nfrom .settings_deployed import *  # noqa\n\n"
         f'MODEL_URL = "http://127.0.0.1:{stand_in.port}/v1"\n'
         'MODEL_KEY = "a key for the stand-in"\n'
         'MODEL_NAME = "stand-in"\n'
-        "MODEL_STALL = 2\n"
+        'MODEL_STALL = int(os.environ.get("MODEL_STALL", 2))\n'
     )
     (root / "mysite" / "settings_chat_small_log.py").write_text(
         "from .settings_chat import *  # noqa\n\nSSE_LOG_SIZE = 100\n"
@@ -4006,6 +4006,46 @@ def test_a_killed_worker_fails_its_reply_within_10_s_and_the_page_tries_again(
     assert within < 10
 
 
+@layer("chat", "browser")
+def test_a_worker_that_stood_still_past_its_lease_lets_its_reply_go(
+    chat, chat_project, chat_database, stand_in, page, tmp_path
+):
+    # A worker whose model may be silent for longer than it stands still: its answer goes
+    # on after it, unless the worker sees that the reply is no longer its own.
+    patient = ReplyWorker(
+        tmp_path, chat_project, {**chat_database.env, **CHAT_SETTINGS, "MODEL_STALL": "30"}
+    )
+    prompt = unique("Stood still [900 at 50/s]")
+    for each in chat.workers:  # the reply for the patient worker alone
+        os.kill(each.process.pid, signal.SIGSTOP)
+    try:
+        open_chat(page, chat.urls[0])
+        ask_on_the_page(page, prompt)
+        patient.start()
+        until_answered_at_least(page, prompt, 50)
+    finally:
+        for each in chat.workers:
+            os.kill(each.process.pid, signal.SIGCONT)
+    try:
+        os.kill(patient.process.pid, signal.SIGSTOP)  # as a machine that stalls
+        try:
+            until_status(page, prompt, "failed: its worker stopped: try again", timeout=10)
+            failed = saved(chat_database, prompt)
+        finally:
+            os.kill(patient.process.pid, signal.SIGCONT)
+        resumed = time.monotonic()
+        eventually(lambda: stand_in.request_for(prompt).hung_up, 5, "the model let go")
+        went = time.monotonic() - resumed
+        page.wait_for_timeout(1000)  # what a late commit would have published, by now
+    finally:
+        patient.stop()
+    assert saved(chat_database, prompt) == failed, "another's to end, and ended"
+    assert statuses_published(chat_database, prompt) == ["failed"]
+    assert shown_answer(page, prompt) == failed.text
+    until_status(page, prompt, "failed: its worker stopped: try again", timeout=0.1)
+    assert went < 2
+
+
 FAULTS = {  # what the model does: the prompt that asks for it, what the page then says
     "refuses the connection": ("", "the model could not be reached"),
     "answers 429": ("[429]", "the model answered 429"),
@@ -4121,6 +4161,16 @@ def saved_id(database, prompt):
     return database.sql("SELECT id FROM live_reply WHERE prompt = %s", prompt)[0][0]
 
 
+def statuses_published(database, prompt):
+    """Each status the log has for the reply to `prompt`, in order."""
+    said = database.sql(
+        "SELECT data::jsonb->>'status' FROM live_event WHERE data::jsonb->>'reply' = %s"
+        " AND data::jsonb->>'status' IS NOT NULL ORDER BY position",
+        str(saved_id(database, prompt)),
+    )
+    return [status for (status,) in said]
+
+
 @layer("chat", "browser")
 def test_a_deploy_of_the_web_servers_and_of_the_worker_loses_no_answer(
     chat, chat_database, stand_in, page
@@ -4146,12 +4196,8 @@ def test_a_deploy_of_the_web_servers_and_of_the_worker_loses_no_answer(
     ((other,),) = chat_database.sql("SELECT worker FROM live_reply WHERE prompt = %s", during)
     assert other != worker, "the worker told to stop took no new reply"
     assert making.process.returncode is None and ended_in < 10
-    said = chat_database.sql(
-        "SELECT data::jsonb->>'status' FROM live_event WHERE data::jsonb->>'reply' = %s"
-        " AND data::jsonb->>'status' IS NOT NULL ORDER BY position",
-        str(saved_id(chat_database, prompt)),
-    )
-    assert said == [("finished",)], "its lease renewed to the end: never failed on the way"
+    said = statuses_published(chat_database, prompt)
+    assert said == ["finished"], "its lease renewed to the end: never failed on the way"
 
 
 def in_place_of(source, block):
@@ -5587,10 +5633,11 @@ class ChatLoad:
         processes = self.servers if kind == "Daphne" else self.workers
         return max(proc_status(each.process.pid, "Threads") for each in processes)
 
-    async def readers(self, count):
+    async def readers(self, users):
         loop = asyncio.get_running_loop()
         readers = []
-        for index, (_, session) in enumerate(self.sessions[:count]):
+        for index in users:
+            session = self.sessions[index][1]
             request = (
                 f"GET /stream/ HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: sessionid={session}\r\n\r\n"
             ).encode()
@@ -5611,21 +5658,23 @@ class ChatLoad:
         assert answer.status_code in (202, 204), (answer.status_code, answer.text)
         return sent
 
-    async def answers(self, count, chunks, per_second, over=0.0, stop_after=None):
-        """`count` users each ask for an answer of `chunks` at `per_second`, one after
-        another over `over` seconds; with `stop_after`, each asks to stop it that many
-        seconds after asking."""
-        readers = await self.readers(count)
+    async def answers(self, count, chunks, per_second, over=0.0, stop_after=None, first=0):
+        """`count` users from the `first` each ask for an answer of `chunks` at
+        `per_second`, one after another over `over` seconds; with `stop_after`, each asks
+        to stop it that many seconds after asking."""
+        indexes = range(first, first + count)
+        readers = await self.readers(indexes)
         tag = secrets.token_hex(3)
-        prompts = [f"{tag} {user} [{chunks} at {per_second}/s]" for user, _ in self.sessions]
+        prompts = [f"{tag} {self.sessions[i][0]} [{chunks} at {per_second}/s]" for i in indexes]
 
-        async def user(index):
-            await asyncio.sleep(over * index / count)
-            asked = await self.post(http, index, "/chat/send/", prompt=prompts[index])
+        async def user(number):
+            await asyncio.sleep(over * number / count)
+            index = indexes[number]
+            asked = await self.post(http, index, "/chat/send/", prompt=prompts[number])
             if stop_after is None:
                 return asked, None
             await asyncio.sleep(stop_after)
-            reply = readers[index].of(prompts[index])[0][1]["reply"]
+            reply = readers[number].of(prompts[number])[0][1]["reply"]
             return asked, await self.post(http, index, f"/chat/{reply}/stop/")
 
         commits, threads, connections = self.commits(), {"Daphne": 0, "worker": 0}, 0
@@ -5775,8 +5824,16 @@ def bench_replies(count=100):
         project, env, sessions = bench_project(root, database, most[-1], make, "settings_chat")
         load = ChatLoad(root, database, project, env, sessions, port)
         try:
-            run(load.answers(2, 10, 30))  # each process and worker warmed up
-            alone = [run(load.answers(1, 10, 30)).added[0] for _ in range(20)]
+            # Each process and worker warmed up: a worker's first answer waits for its SDK
+            # to load what it loads on first use.
+            for _ in range(20):
+                run(load.answers(2, 10, 30))
+                if load.database.sql("SELECT count(DISTINCT worker) FROM live_reply")[0][0] == 2:
+                    break
+            # Each the first prompt of a conversation; then one conversation's 21st to 60th.
+            first_prompts = range(most[-1] - 100, most[-1])
+            alone = [run(load.answers(1, 10, 30, first=user)).added[0] for user in first_prompts]
+            conversation = [run(load.answers(1, 10, 30)).added[0] for _ in range(60)][20:]
             at_once = run(load.answers(count, 180, 30, over=3))
             burst = run(load.answers(count, 60, 30))
             stopping = run(load.answers(count, 600, 30, over=2, stop_after=2))
@@ -5822,6 +5879,7 @@ def bench_replies(count=100):
         rows = {
             "chunk to the page, p50 / p99 ms": p50_p99(at_once.latencies),
             "time added before the first chunk, one answer alone, p50 / p99 ms": p50_p99(alone),
+            "  the same, with 20 earlier turns of the conversation": p50_p99(conversation),
             f"  the same, {count} at once": p50_p99(at_once.added),
             f"  the same, {count} asked in the same instant": p50_p99(burst.added),
             "parts lost / doubled; answers not byte-exact": f"{at_once.lost} / {at_once.doubled}; {at_once.inexact}",
