@@ -4006,7 +4006,7 @@ def test_a_killed_worker_fails_its_reply_within_10_s_and_the_page_tries_again(
     assert within < 10
 
 
-@layer("chat", "browser")
+@layer("chat", "browser", group="chat: elsewhere")
 def test_a_worker_that_stood_still_past_its_lease_lets_its_reply_go(
     chat, chat_project, chat_database, stand_in, page, tmp_path
 ):
