@@ -4006,7 +4006,7 @@ def test_a_killed_worker_fails_its_reply_within_10_s_and_the_page_tries_again(
     assert within < 10
 
 
-@layer("chat", "browser", group="chat: elsewhere")
+@layer("chat", "browser")
 def test_a_worker_that_stood_still_past_its_lease_lets_its_reply_go(
     chat, chat_project, chat_database, stand_in, page, tmp_path
 ):
@@ -4023,6 +4023,9 @@ def test_a_worker_that_stood_still_past_its_lease_lets_its_reply_go(
         ask_on_the_page(page, prompt)
         patient.start()
         until_answered_at_least(page, prompt, 50)
+    except BaseException:
+        patient.stop()
+        raise
     finally:
         for each in chat.workers:
             os.kill(each.process.pid, signal.SIGCONT)
