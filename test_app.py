@@ -4018,18 +4018,15 @@ def test_a_worker_that_stood_still_past_its_lease_lets_its_reply_go(
     prompt = unique("Stood still [900 at 50/s]")
     for each in chat.workers:  # the reply for the patient worker alone
         os.kill(each.process.pid, signal.SIGSTOP)
+    patient.start()
     try:
-        open_chat(page, chat.urls[0])
-        ask_on_the_page(page, prompt)
-        patient.start()
-        until_answered_at_least(page, prompt, 50)
-    except BaseException:
-        patient.stop()
-        raise
-    finally:
-        for each in chat.workers:
-            os.kill(each.process.pid, signal.SIGCONT)
-    try:
+        try:
+            open_chat(page, chat.urls[0])
+            ask_on_the_page(page, prompt)
+            until_answered_at_least(page, prompt, 50)
+        finally:
+            for each in chat.workers:
+                os.kill(each.process.pid, signal.SIGCONT)
         os.kill(patient.process.pid, signal.SIGSTOP)  # as a machine that stalls
         try:
             until_status(page, prompt, "failed: its worker stopped: try again", timeout=10)
