@@ -3409,7 +3409,14 @@ def readme_uvicorn_workers(directory, project, env):
     (command,) = readme_commands(KEEP_GUNICORN, "gunicorn mysite.asgi:application")
     port = free_port()
     command = [*command, "--bind", f"127.0.0.1:{port}"]
-    return Server(directory, "gunicorn", command=command, port=port, cwd=project, **env).start()
+    server = Server(directory, "gunicorn", command=command, port=port, cwd=project, **env).start()
+    try:  # gunicorn listens before its workers have imported Django: a busy machine takes seconds
+        workers = int(command[command.index("--workers") + 1])
+        server.wait_for_log("Application startup complete", count=workers, timeout=30)
+    except BaseException:
+        server.stop()
+        raise
+    return server
 
 
 def post_on_the_page(page, text):
