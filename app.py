@@ -247,17 +247,19 @@ async def freeze_open_streams(**kwargs):
     at 10,000. Frozen, no collection walks them, and an ended stream is freed all the same
     unless it left a cycle. So every FREEZE_EVERY requests, free the garbage among what
     came since and freeze the rest. While closed streams do leave cycles (Django 6.1 on
-    Python 3.13.0), once a turnover of the open streams has ended, free theirs too."""
+    Python 3.13.0), once a turnover of the open streams has ended, free theirs too: with
+    few open, every FREEZE_EVERY requests, not at each one."""
     global started, frozen_at, collected_at, closed_streams_leave_cycles
     started += 1  # on the event loop, one at a time
-    turnover = closed_streams_leave_cycles and ended - collected_at > started - ended
+    ended_since = ended - collected_at
+    turnover = closed_streams_leave_cycles and ended_since > max(started - ended, FREEZE_EVERY)
     if turnover:
         gc.unfreeze()
     elif started - frozen_at < FREEZE_EVERY:
         return
     found = gc.collect()  # of what is not frozen
     if turnover:
-        closed_streams_leave_cycles = found > ended - collected_at
+        closed_streams_leave_cycles = found > ended_since
         collected_at = ended
     gc.freeze()
     frozen_at = started
