@@ -4079,6 +4079,39 @@ def test_a_worker_that_stood_still_past_its_lease_lets_its_reply_go(
     assert went < 2
 
 
+# A worker's lease renewals and its saves at once, as under load: its 200 replies saved in
+# one order, then in the other, while they are renewed.
+TEND_WHILE_SAVING = """import asyncio
+from django.contrib.auth.models import User
+from live.models import Reply
+from live.replies import save, tend
+
+user = User.objects.create_user(username="busy")
+Reply.objects.bulk_create(
+    Reply(user=user, prompt=str(n), status=Reply.RUNNING, worker="busy") for n in range(200)
+)
+replies = list(Reply.objects.filter(worker="busy").select_related("user").order_by("-pk"))
+
+
+async def main():
+    for turn in range(100):
+        parts = [(reply, turn, ".") for reply in replies[:: (-1) ** turn]]
+        await asyncio.gather(tend("busy", True), save("busy", parts, []))
+
+
+try:
+    asyncio.run(main())
+finally:
+    user.delete()
+print(len(replies))
+"""
+
+
+@layer("chat", group="chat: elsewhere")
+def test_a_worker_renews_its_leases_while_it_saves_without_a_deadlock(chat_project, chat_database):
+    assert in_project(chat_project, chat_database, TEND_WHILE_SAVING, **CHAT_SETTINGS) == "200\n"
+
+
 FAULTS = {  # what the model does: the prompt that asks for it, what the page then says
     "refuses the connection": ("", "the model could not be reached"),
     "answers 429": ("[429]", "the model answered 429"),
