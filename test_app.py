@@ -4084,7 +4084,7 @@ def test_a_worker_that_stood_still_past_its_lease_lets_its_reply_go(
 TEND_WHILE_SAVING = """import asyncio
 from django.contrib.auth.models import User
 from live.models import Reply
-from live.replies import save, tend
+from live.replies import renew_leases, save
 
 user = User.objects.create_user(username="busy")
 Reply.objects.bulk_create(
@@ -4096,7 +4096,7 @@ replies = list(Reply.objects.filter(worker="busy").select_related("user").order_
 async def main():
     for turn in range(100):
         parts = [(reply, turn, ".") for reply in replies[:: (-1) ** turn]]
-        await asyncio.gather(tend("busy", True), save("busy", parts, []))
+        await asyncio.gather(renew_leases("busy"), save("busy", parts, []))
 
 
 try:
