@@ -4081,7 +4081,7 @@ def test_a_worker_that_stood_still_past_its_lease_lets_its_reply_go(
 
 # A worker's lease renewals and its saves at once, as under load: its 200 replies saved in
 # one order, then in the other, while they are renewed.
-TEND_WHILE_SAVING = """import asyncio
+RENEW_WHILE_SAVING = """import asyncio
 from django.contrib.auth.models import User
 from live.models import Reply
 from live.replies import renew_leases, save
@@ -4109,7 +4109,7 @@ print(len(replies))
 
 @layer("chat", group="chat: elsewhere")
 def test_a_worker_renews_its_leases_while_it_saves_without_a_deadlock(chat_project, chat_database):
-    assert in_project(chat_project, chat_database, TEND_WHILE_SAVING, **CHAT_SETTINGS) == "200\n"
+    assert in_project(chat_project, chat_database, RENEW_WHILE_SAVING, **CHAT_SETTINGS) == "200\n"
 
 
 FAULTS = {  # what the model does: the prompt that asks for it, what the page then says
