@@ -4166,11 +4166,14 @@ def test_bad_prompts_get_400_and_more_replies_at_once_than_allowed_429_which_the
     assert chat_database.sql("SELECT count(*) FROM live_reply") == before
     open_chat(page, chat.urls[1])
     prompts = [unique(f"One of many [400 at 30/s] {number}") for number in range(4)]
+    prompt_box = page.locator("#send textarea")
     for prompt in prompts[:3]:
         ask_on_the_page(page, prompt)
         until_status(page, prompt, "running")
+        expect(prompt_box).to_have_value("")
     ask_on_the_page(page, prompts[3])
     expect(page.locator("#refused")).to_have_text("At most 3 replies at once: try again in 10 s")
+    expect(prompt_box).to_have_value(prompts[3])  # refused, kept to send again
     with logged_in(chat.urls[0]) as http:
         refused = http.post(
             "/chat/send/",
