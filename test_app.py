@@ -4913,7 +4913,7 @@ RATE_CASES = [  # publishers, seconds their transactions go on after publish(), 
 def percentile(values, share):
     """By nearest rank: of 100 values, the 99th percentile is the second highest."""
     ordered = sorted(values)
-    return ordered[max(0, math.ceil(len(ordered) * share) - 1)]
+    return ordered[math.ceil(len(ordered) * share) - 1]
 
 
 def p50_p99(values):
@@ -5753,9 +5753,6 @@ class ChatLoad:
 
         commits, threads, connections = self.commits(), {"Daphne": 0, "worker": 0}, 0
         started = time.monotonic()
-        # One client for all: making one costs milliseconds of this loop, that every
-        # answer being read would wait for.
-        unlimited = httpx.Limits(max_connections=None, max_keepalive_connections=None)
         import psycopg
 
         # Counted on a connection held open, and awaited: a new connection each time held
@@ -5763,6 +5760,9 @@ class ChatLoad:
         watch = await psycopg.AsyncConnection.connect(
             **self.database.connection("mysite"), autocommit=True
         )
+        # One client for all: making one costs milliseconds of this loop, that every
+        # answer being read would wait for.
+        unlimited = httpx.Limits(max_connections=None, max_keepalive_connections=None)
         async with watch, httpx.AsyncClient(timeout=30, limits=unlimited) as http:
             users = asyncio.gather(*map(user, range(count)))
             while not users.done() or not all(map(ReplyReader.over, readers, prompts)):
