@@ -4838,6 +4838,10 @@ class EventCounter(Listener):
         self.buffer = b""
         self.ids, self.times = [], []
 
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self.opened = time.time()
+
     def data_received(self, data):
         super().data_received(data)
         # A chunk holds whole events, so chunk framing never falls inside one.
@@ -5095,10 +5099,16 @@ def run_events_load(root, project, database, env, sessions):
                 if [username for username, _ in whom] != [meant_for[position]]
             }
             for position, whom in astray.items():
+                # Past half of SSE_MAX_AGE, a stream may have ended: a browser comes back,
+                # this client does not.
+                stream = theirs[meant_for[position]]
                 print(
                     f"event {position} for {meant_for[position]}, published at {at[position]:.3f},"
                     f" reached {[(name, f'+{when - at[position]:.3f} s') for name, when in whom]}"
-                    f" {time.time() - at[position]:.3f} s after",
+                    f" {time.time() - at[position]:.3f} s after; their stream, status"
+                    f" {stream.status}, opened {at[position] - stream.opened:.0f} s before it,"
+                    f" {'closed' if stream.ended else 'open'}, its last event"
+                    f" {stream.ids[-1] if stream.ids else None}",
                     flush=True,
                 )
             latencies_all = latencies(published, [each for _, each in readers])
