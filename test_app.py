@@ -5746,6 +5746,8 @@ class ChatLoad:
         """`count` users from the `first` each ask for an answer of `chunks` at
         `per_second`, one after another over `over` seconds; with `stop_after`, each asks
         to stop it that many seconds after asking."""
+        import psycopg
+
         indexes = range(first, first + count)
         readers = await self.readers(indexes)
         tag = secrets.token_hex(3)
@@ -5764,8 +5766,6 @@ class ChatLoad:
         commits, threads, connections = self.commits(), {"Daphne": 0, "worker": 0}, 0
         started = time.monotonic()
         deadline = started + 30 + over + chunks / per_second
-        import psycopg
-
         # Counted on a connection held open, and awaited: a new connection each time held
         # this loop, and so the arrivals it stamps, up to 20 ms.
         watch = await psycopg.AsyncConnection.connect(
