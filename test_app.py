@@ -50,6 +50,7 @@ from concurrent.futures import ThreadPoolExecutor
 from itertools import count, cycle, islice, pairwise
 from pathlib import Path
 from types import SimpleNamespace
+from urllib.parse import parse_qs
 
 import django
 import httpx
@@ -4185,6 +4186,35 @@ def test_bad_prompts_get_400_and_more_replies_at_once_than_allowed_429_which_the
         reply_on(page, prompt).locator(".stop").click()
         until_status(page, prompt, "stopped")
     assert reply_on(page, prompts[3]).count() == 0
+
+    # Two sends at once, the one accepted answered after the one refused: the refusal stays.
+    running = [unique(f"Running [400 at 30/s] {number}") for number in range(2)]
+    for prompt in running:
+        ask_on_the_page(page, prompt)
+        until_status(page, prompt, "running")
+    held = {}  # prompt: its request, held on its way
+    page.route(
+        "**/chat/send/",
+        lambda route: held.update({parse_qs(route.request.post_data)["prompt"][0]: route}),
+    )
+    accepted, turned_away = unique("Accepted [3 at 30/s]"), unique("Turned away")
+    ask_on_the_page(page, accepted)
+    ask_on_the_page(page, turned_away)
+    deadline = time.monotonic() + 10
+    while len(held) < 2 and time.monotonic() < deadline:
+        page.wait_for_timeout(20)  # Playwright hands over requests while it waits
+    first, second = held[accepted], held[turned_away]
+    answer = first.fetch()  # the server takes it: three under way
+    second.continue_()  # and turns this one away, answered first
+    expect(page.locator("#refused")).to_have_text("At most 3 replies at once: try again in 10 s")
+    first.fulfill(response=answer)
+    until_status(page, accepted, "finished")
+    page.unroute("**/chat/send/")
+    expect(page.locator("#refused")).to_have_text("At most 3 replies at once: try again in 10 s")
+    expect(prompt_box).to_have_value(turned_away)
+    for prompt in running:
+        reply_on(page, prompt).locator(".stop").click()
+        until_status(page, prompt, "stopped")
 
 
 @layer("chat")
