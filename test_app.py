@@ -4217,6 +4217,40 @@ def test_bad_prompts_get_400_and_more_replies_at_once_than_allowed_429_which_the
         until_status(page, prompt, "stopped")
 
 
+# What keeps a Send from the view, each made to happen on the page; and the one thing to do.
+NOT_TAKEN = {
+    "The server is out of reach": lambda page: page.route("**/chat/send/", lambda r: r.abort()),
+    "Log in again": lambda page: page.context.clear_cookies(name="sessionid"),  # in another tab
+    "The server answered 403": lambda page: page.evaluate(  # a CSRF token gone stale
+        "document.querySelector('[name=csrfmiddlewaretoken]').value = 'x'.repeat(64)"
+    ),
+}
+
+
+@layer("chat", "browser")
+def test_a_prompt_the_server_did_not_take_stays_in_the_box_and_the_page_says_why(
+    chat, chat_database, page
+):
+    open_chat(page, chat.urls[0])
+    before = chat_database.sql("SELECT count(*) FROM live_reply")
+    for why, keep_it_from_the_view in NOT_TAKEN.items():
+        prompt = unique(f"Not taken: {why}")
+        keep_it_from_the_view(page)
+        ask_on_the_page(page, prompt)
+        expect(page.locator("#refused")).to_have_text(why)
+        expect(page.locator("#send textarea")).to_have_value(prompt)
+        page.unroute_all()
+    assert chat_database.sql("SELECT count(*) FROM live_reply") == before
+    token = secrets.token_hex(16)  # a CSRF token, as cookie and header, and no session
+    for path in "/chat/send/", "/chat/1/stop/":
+        answer = httpx.post(
+            chat.urls[1] + path,
+            data={"prompt": "Hello"},
+            headers={"Cookie": f"csrftoken={token}", "X-CSRFToken": token},
+        )
+        assert (answer.status_code, answer.text) == (403, "Log in again")
+
+
 @layer("chat")
 def test_another_users_reply_is_neither_shown_nor_sent_nor_stoppable(
     chat, chat_project, chat_database, stand_in
