@@ -3571,9 +3571,18 @@ def answer_to(messages):
     show as text (markup, a line break, characters outside the BMP)."""
     prompt = messages[-1]["content"]
     turn = sum(message["role"] == "user" for message in messages)
+    if "[long]" in prompt:  # 16,000 characters that compress as prose does, not as one word
+        words = random.Random(prompt).choices(LONG_WORDS, k=4000)
+        return f"Turn {turn}: {' '.join(words)}"[:16_000]
     return f"Turn {turn}: «{prompt}» <b>not bold</b>\n" + "".join(
         f"word{number} 🦾 " for number in range(200)
     )
+
+
+LONG_WORDS = [
+    "".join(random.Random(n).choices("abcdefghijklmnopqrstuvwxyz", k=n % 9 + 2))
+    for n in range(5000)
+]
 
 
 class StandIn:
@@ -5806,16 +5815,20 @@ class ChatLoad:
         assert answer.status_code in (202, 204), (answer.status_code, answer.text)
         return sent
 
-    async def answers(self, count, chunks, per_second, over=0.0, stop_after=None, first=0):
+    async def answers(
+        self, count, chunks, per_second, over=0.0, stop_after=None, first=0, kind=""
+    ):
         """`count` users from the `first` each ask for an answer of `chunks` at
         `per_second`, one after another over `over` seconds; with `stop_after`, each asks
-        to stop it that many seconds after asking."""
+        to stop it that many seconds after asking. `kind` goes in the prompts: "[long]"."""
         import psycopg
 
         indexes = range(first, first + count)
         readers = await self.readers(indexes)
         tag = secrets.token_hex(3)
-        prompts = [f"{tag} {self.sessions[i][0]} [{chunks} at {per_second}/s]" for i in indexes]
+        prompts = [
+            f"{tag} {self.sessions[i][0]} [{chunks} at {per_second}/s]{kind}" for i in indexes
+        ]
 
         async def user(number):
             await asyncio.sleep(over * number / count)
@@ -6003,6 +6016,12 @@ def bench_replies(count=100):
             first_prompts = range(most[-1] - 100, most[-1])
             alone = [run(load.answers(1, 10, 30, first=user)).added[0] for user in first_prompts]
             conversation = [run(load.answers(1, 10, 30)).added[0] for _ in range(60)][20:]
+            wal = []  # bytes, for one long answer in 60 chunks, then in 600
+            for chunks in 60, 600:
+                before = load.database.sql("SELECT wal_bytes FROM pg_stat_wal")[0][0]
+                long = load.answers(1, chunks, 60, first=most[-1] - 101, kind=" [long]")
+                assert not run(long).inexact
+                wal.append(load.database.sql("SELECT wal_bytes FROM pg_stat_wal")[0][0] - before)
             at_once = run(load.answers(count, 180, 30, over=3))
             burst = run(load.answers(count, 60, 30))
             stopping = run(load.answers(count, 600, 30, over=2, stop_after=2))
@@ -6050,6 +6069,9 @@ def bench_replies(count=100):
             f"  the same, {count} asked in the same instant": p50_p99(burst.added),
             "parts lost / doubled; answers not byte-exact": f"{at_once.lost} / {at_once.doubled}; {at_once.inexact}",
             "commits that wrote (WAL flushes), a second": f"{at_once.commits:.0f}",
+            "WAL for an answer of 16,000 characters, in 1 s / 10 s, MB": " / ".join(
+                f"{float(written) / 1e6:.2f}" for written in wal
+            ),
             "database connections, in all": at_once.connections,
             "threads, a Daphne / a worker": f"{at_once.threads['Daphne']} / {at_once.threads['worker']}",
             f"Stop, {count} over 2 s: to the model's hang-up, p50 / p99 ms": p50_p99(
