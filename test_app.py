@@ -50,7 +50,6 @@ from concurrent.futures import ThreadPoolExecutor
 from itertools import count, cycle, islice, pairwise
 from pathlib import Path
 from types import SimpleNamespace
-from urllib.parse import parse_qs
 
 import django
 import httpx
@@ -916,8 +915,8 @@ def test_any_server_refuses_past_the_cap_and_stops_with_streams_open(tmp_path, k
         refused = await asyncio.to_thread(statuses_of_requests_sent_together, server.port, 100)
         assert refused == [503] * 100
         marks = [len(each.arrivals) for each in held]
-        await asyncio.sleep(1)  # ten ticks
-        assert all(len(each.arrivals) - mark >= 8 for each, mark in zip(held, marks))
+        # Each held stream goes on, ten ticks more: refusing the rest took nothing from them.
+        await until(lambda: all(len(e.arrivals) - m >= 10 for e, m in zip(held, marks)), 10)
         assert not any(each.ended for each in held)
         response = await asyncio.to_thread(httpx.get, server.url + "/stream/", timeout=5)
         assert response.status_code == 503 and int(response.headers["Retry-After"]) > 0
@@ -2387,14 +2386,14 @@ def test_events_from_a_sync_view_and_a_command_reach_every_stream_on_both_proces
         assert each.ids == sorted(set(each.ids)), "once each, in order"
 
 
-HELD_BACK = """import time
+HELD_BACK = """import sys
 from django.db import transaction
 from live.events import publish
 
 with transaction.atomic():
     publish({"held back": 1})
     print("published", flush=True)
-    time.sleep(1.5)  # its row is written, not yet seen: the racing publisher commits first
+    sys.stdin.readline()  # its row is written, not yet seen: the racing publisher commits first
 """
 
 
@@ -2409,6 +2408,7 @@ def test_events_arrive_in_the_order_their_transactions_commit(
             [sys.executable, "manage.py", "shell", "--no-imports", "-c", HELD_BACK],
             cwd=events_project,
             env={**os.environ, **postgresql.env},
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -2416,6 +2416,7 @@ def test_events_arrive_in_the_order_their_transactions_commit(
             assert held.stdout.readline() == "published\n"
             publisher({"racing": 1})
         finally:
+            held.stdin.close()  # now it commits
             held.wait(10)
         publisher({"after both": 1})
         eventually(lambda: all({"after both": 1} in each.data for each in followers), 10)
@@ -3803,6 +3804,12 @@ class ReplyWorker:
         self.served += self.log_path.read_text(errors="replace")
 
 
+def until_workers_listen(database, count):
+    """Until `count` workers listen: on a loaded machine one takes seconds to start."""
+    listening = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'live replies'"
+    eventually(lambda: database.sql(listening) == [(count,)], 30, f"{count} workers listening")
+
+
 @pytest.fixture(scope="module")
 def stand_in():
     model = StandIn()
@@ -3858,6 +3865,7 @@ def chat(chat_project, chat_database, tmp_path_factory):
     env = {**chat_database.env, **CHAT_SETTINGS}
     servers = two_daphnes(logs, chat_project, env)
     workers = [ReplyWorker(logs, chat_project, env).start() for _ in range(2)]
+    until_workers_listen(chat_database, 2)
     yield SimpleNamespace(servers=servers, workers=workers, urls=[s.url for s in servers])
     for each in [*workers, *servers]:
         each.stop()
@@ -4071,11 +4079,13 @@ def test_a_worker_that_stood_still_past_its_lease_lets_its_reply_go(
         tmp_path, chat_project, {**chat_database.env, **CHAT_SETTINGS, "MODEL_STALL": "30"}
     )
     prompt = unique("Stood still [900 at 50/s]")
+    until_workers_listen(chat_database, 2)  # one may have been started again just before
     for each in chat.workers:  # the reply for the patient worker alone
         os.kill(each.process.pid, signal.SIGSTOP)
     patient.start()
     try:
         try:
+            until_workers_listen(chat_database, 3)
             open_chat(page, chat.urls[0])
             ask_on_the_page(page, prompt)
             until_answered_at_least(page, prompt, 50)
@@ -4179,18 +4189,16 @@ def test_bad_prompts_get_400_and_more_replies_at_once_than_allowed_429_which_the
     for prompt in running:
         ask_on_the_page(page, prompt)
         until_status(page, prompt, "running")
-    held = {}  # prompt: its request, held on its way
-    page.route(
-        "**/chat/send/",
-        lambda route: held.update({parse_qs(route.request.post_data)["prompt"][0]: route}),
-    )
+    held = []  # the Sends, held on their way, in the order sent
+    page.route("**/chat/send/", lambda route: held.append(route))
     accepted, turned_away = unique("Accepted [3 at 30/s]"), unique("Turned away")
-    ask_on_the_page(page, accepted)
-    ask_on_the_page(page, turned_away)
-    deadline = time.monotonic() + 10
-    while len(held) < 2 and time.monotonic() < deadline:
-        page.wait_for_timeout(20)  # Playwright hands over requests while it waits
-    first, second = held[accepted], held[turned_away]
+    for sent, prompt in enumerate([accepted, turned_away], 1):
+        ask_on_the_page(page, prompt)
+        deadline = time.monotonic() + 10
+        while len(held) < sent:
+            assert time.monotonic() < deadline, f"{prompt!r} never left the page"
+            page.wait_for_timeout(20)  # Playwright hands over requests while it waits
+    first, second = held
     answer = first.fetch()  # the server takes it: three under way
     second.continue_()  # and turns this one away, answered first
     expect(page.locator("#refused")).to_have_text("At most 3 replies at once: try again in 10 s")
