@@ -2431,12 +2431,15 @@ def test_events_arrive_in_the_order_their_transactions_commit(
             stdout=subprocess.PIPE,
             text=True,
         )
+        racing = ThreadPoolExecutor(1)
         try:
             assert held.stdout.readline() == "published\n"
-            publisher({"racing": 1})
+            # Publishers wait for each other's commits, never for each other's work.
+            racing.submit(publisher, {"racing": 1}).result(timeout=10)
         finally:
             held.stdin.close()  # now it commits
             held.wait(10)
+            racing.shutdown()
         publisher({"after both": 1})
         eventually(lambda: all({"after both": 1} in each.data for each in followers), 10)
     for each in followers:
