@@ -1129,8 +1129,9 @@ class Reconnecting:
             await asyncio.sleep(self.retry)
 
 
-def storm(server, clients, seconds):
-    """`clients` reconnecting clients; the server restarts once they all stream."""
+def storm(server, clients, seconds, until_all_back=False):
+    """`clients` reconnecting clients; the server restarts once they all stream. They
+    stream for `seconds`, or, `until_all_back`, until each has had an event since."""
 
     async def main():
         stop_at = time.monotonic() + seconds
@@ -1139,7 +1140,11 @@ def storm(server, clients, seconds):
         await until(lambda: all(len(each.ids) >= 2 for each in crowd), 30)
         restarted = time.monotonic()
         await asyncio.to_thread(server.restart)
-        await asyncio.gather(*tasks)
+        if until_all_back:
+            await until(lambda: all(e.outages and e.down_since is None for e in crowd), seconds)
+            for task in tasks:
+                task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=until_all_back)
         return crowd, restarted
 
     return run(main())
@@ -1150,7 +1155,7 @@ def test_reconnect_storm_loses_nothing(daphne):
     server = daphne(
         endpoint="tcp:port={port}:interface=127.0.0.1:backlog=4096", SSE_INTERVAL="0.5"
     )
-    crowd, _ = storm(server, clients=300, seconds=12)
+    crowd, _ = storm(server, clients=300, seconds=20, until_all_back=True)
     for each in crowd:
         assert each.ids == list(range(len(each.ids)))  # no gap, no duplicate
         assert each.outages, "every client saw the restart"
