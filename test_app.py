@@ -1703,7 +1703,7 @@ def manage(root, *args, **env):
 
 
 # makemigrations, the migrations the README writes beside, migrate and createsuperuser, as
-# the README runs them, in one process: each start of a project's Django takes seconds of CPU.
+# the README runs them, in one process: each start of a project's Django takes 1 to 2 s of CPU.
 SET_UP = f"""import importlib, json, os
 from pathlib import Path
 from django.core.management import call_command
@@ -4055,8 +4055,8 @@ def test_a_page_whose_position_the_log_no_longer_has_shows_the_text_so_far_and_g
 
 # A model that streams, and one silent since its third chunk (the stand-in's [stall]) for
 # 1.4 s, past the worker's renewal of its leases: the worker stops a reply as it is told,
-# not when its next commit reads the row, at the next renewal, 0.8 s later. Timed from the
-# Stop's commit, when the workers are told: the click and the view are not the worker's.
+# not when its next commit reads the row, at the next renewal, a second after the last.
+# Timed from the Stop's commit too, when the workers are told: the click is not theirs.
 STOP_WITHIN = {"streaming": ("[400 at 30/s]", 0, 1), "silent": ("[stall]", 1.4, 0.5)}
 
 
