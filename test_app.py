@@ -3912,9 +3912,17 @@ def open_chat(page, url):
     log_in_on_the_page(page, url, path="/chat/")
 
 
+def press(button):
+    """Clicks `button` as a person would, but for where: the answers growing above it move it
+    between where Playwright aims and where its click lands, and such a click is lost."""
+    expect(button).to_be_visible()
+    expect(button).to_be_enabled()
+    button.dispatch_event("click")
+
+
 def ask_on_the_page(page, prompt):
     page.fill("#send textarea", prompt)
-    page.click("#send button")
+    press(page.locator("#send button"))
 
 
 def reply_on(page, prompt):
@@ -4076,7 +4084,7 @@ def test_stop_in_a_tab_on_the_other_process_closes_the_model_within_1_s_and_all_
     eventually(lambda: len(stand_in.request_for(prompt).sent) >= 3, 5, "three chunks sent")
     time.sleep(max(0, stand_in.request_for(prompt).sent[2] + silent_for - time.time()))
     stopped_at = time.time()
-    reply_on(other, prompt).locator(".stop").click()
+    press(reply_on(other, prompt).locator(".stop"))
     until_status(page, prompt, "stopped")
     until_status(other, prompt, "stopped")
     hung_up = stand_in.request_for(prompt).hung_up
@@ -4107,7 +4115,7 @@ def test_a_killed_worker_fails_its_reply_within_10_s_and_the_page_tries_again(
     making.start()
     row = saved(chat_database, prompt)
     assert row.text and shown_answer(page, prompt) == row.text, "the text so far, kept"
-    reply_on(page, prompt).locator(".again").click()
+    press(reply_on(page, prompt).locator(".again"))
     until_status(page, prompt, "finished")
     assert shown_answer(page, prompt) == answer_to(stand_in.request_for(prompt).messages)
     assert within < 10
@@ -4224,7 +4232,7 @@ def test_bad_prompts_get_400_and_more_replies_at_once_than_allowed_429_which_the
         )
     assert (refused.status_code, refused.headers["Retry-After"]) == (429, "10")
     for prompt in prompts[:3]:
-        reply_on(page, prompt).locator(".stop").click()
+        press(reply_on(page, prompt).locator(".stop"))
         until_status(page, prompt, "stopped")
     assert reply_on(page, prompts[3]).count() == 0
 
@@ -4252,7 +4260,7 @@ def test_bad_prompts_get_400_and_more_replies_at_once_than_allowed_429_which_the
     expect(page.locator("#refused")).to_have_text("At most 3 replies at once: try again in 10 s")
     expect(prompt_box).to_have_value(turned_away)
     for prompt in running:
-        reply_on(page, prompt).locator(".stop").click()
+        press(reply_on(page, prompt).locator(".stop"))
         until_status(page, prompt, "stopped")
 
 
