@@ -4243,7 +4243,8 @@ def test_bad_prompts_get_400_and_more_replies_at_once_than_allowed_429_which_the
         until_status(page, prompt, "running")
     held = []  # the Sends, held on their way, in the order sent
     page.route("**/chat/send/", lambda route: held.append(route))
-    accepted, turned_away = unique("Accepted [3 at 30/s]"), unique("Turned away")
+    # Accepted runs as long as the others: ended before the second Send, it would let it in.
+    accepted, turned_away = unique("Accepted [400 at 30/s]"), unique("Turned away")
     for sent, prompt in enumerate([accepted, turned_away], 1):
         ask_on_the_page(page, prompt)
         deadline = time.monotonic() + 10
@@ -4254,12 +4255,13 @@ def test_bad_prompts_get_400_and_more_replies_at_once_than_allowed_429_which_the
     answer = first.fetch()  # the server takes it: three under way
     second.continue_()  # and turns this one away, answered first
     expect(page.locator("#refused")).to_have_text("At most 3 replies at once: try again in 10 s")
-    first.fulfill(response=answer)
-    until_status(page, accepted, "finished")
+    with page.expect_response(lambda response: response.request == first.request):
+        first.fulfill(response=answer)  # and now the page has the answer to the first
+    until_status(page, accepted, "running")
     page.unroute("**/chat/send/")
     expect(page.locator("#refused")).to_have_text("At most 3 replies at once: try again in 10 s")
     expect(prompt_box).to_have_value(turned_away)
-    for prompt in running:
+    for prompt in [*running, accepted]:
         press(reply_on(page, prompt).locator(".stop"))
         until_status(page, prompt, "stopped")
 
