@@ -4247,10 +4247,7 @@ def test_bad_prompts_get_400_and_more_replies_at_once_than_allowed_429_which_the
     accepted, turned_away = unique("Accepted [400 at 30/s]"), unique("Turned away")
     for sent, prompt in enumerate([accepted, turned_away], 1):
         ask_on_the_page(page, prompt)
-        deadline = time.monotonic() + 10
-        while len(held) < sent:
-            assert time.monotonic() < deadline, f"{prompt!r} never left the page"
-            page.wait_for_timeout(20)  # Playwright hands over requests while it waits
+        wait_for_asks(page, held, sent)
     first, second = held
     answer = first.fetch()  # the server takes it: three under way
     second.continue_()  # and turns this one away, answered first
