@@ -4098,6 +4098,71 @@ def test_stop_in_a_tab_on_the_other_process_closes_the_model_within_1_s_and_all_
     other.close()
 
 
+# A reply asked for as ask() does it, and replies stopped as the Stop view does it, all in
+# one commit: the workers hear each of those stops in the same read, as under load.
+ASKED = (
+    "WITH asked AS (INSERT INTO live_reply (user_id, prompt, text, parts, status, why, worker)"
+    " VALUES (%s, %s, '', 0, 'queued', '', '') RETURNING id)"
+    " SELECT id, pg_notify('live_reply', 'ask') FROM asked"
+)
+STOPPED_TOGETHER = (
+    "WITH told AS (UPDATE live_reply SET status = 'stopping' WHERE id = ANY(%s) RETURNING id)"
+    " SELECT pg_notify('live_reply', 'stop ' || id) FROM told"
+)
+
+
+CLAIMING = (
+    "SELECT count(*) FROM pg_stat_activity"
+    " WHERE state = 'active' AND query LIKE 'UPDATE live_reply SET status%%'"
+)
+
+
+def worker_of(database, pk):
+    """The worker that claimed reply `pk`, or ""."""
+    return database.sql("SELECT worker FROM live_reply WHERE id = %s", pk)[0][0]
+
+
+@layer("chat")
+def test_stops_heard_together_each_close_their_model_at_once(chat, chat_database, stand_in):
+    # A reply on each worker, each silent since its third part: a stop a worker left for
+    # its next commit would wait for the renewal of its leases, a second away.
+    ((admin,),) = chat_database.sql("SELECT id FROM auth_user WHERE username = 'admin'")
+    until_workers_listen(chat_database, 2)
+    prompts, ids = [], []
+    for standing_still in reversed(chat.workers):  # each reply claimed by the other worker
+        prompts.append(unique("Stopped together [stall]"))
+        os.kill(standing_still.process.pid, signal.SIGSTOP)
+        try:
+            # A claim it sent just before would still take the reply.
+            eventually(lambda: chat_database.sql(CLAIMING) == [(0,)], 5, "no claim under way")
+            ((pk, _),) = chat_database.sql(ASKED, admin, prompts[-1])
+            eventually(functools.partial(worker_of, chat_database, pk), 5, "claimed")
+        finally:
+            os.kill(standing_still.process.pid, signal.SIGCONT)
+        ids.append(pk)
+    assert len({worker_of(chat_database, pk) for pk in ids}) == 2, "one on each worker"
+
+    def sent_three(prompt):
+        return any(len(each.sent) >= 3 for each in stand_in.requests_for(prompt))
+
+    eventually(lambda: all(map(sent_three, prompts)), 5, "three parts of each")
+    # Past the commit of the third part, which would read the stop as well.
+    last = max(stand_in.request_for(prompt).sent[2] for prompt in prompts)
+    time.sleep(max(0, last + 0.3 - time.time()))
+    chat_database.sql(STOPPED_TOGETHER, ids)
+    stopped_at = time.time()  # committed: the workers are told
+    eventually(
+        lambda: all(stand_in.request_for(prompt).hung_up for prompt in prompts), 5, "hung up"
+    )
+    took = [stand_in.request_for(prompt).hung_up - stopped_at for prompt in prompts]
+    assert max(took) < 0.5, f"each as it was told, not at a renewal: {took}"
+
+    def stopped():
+        return {saved(chat_database, prompt).status for prompt in prompts} == {"stopped"}
+
+    eventually(stopped, 5, "both saved as stopped")
+
+
 @layer("chat", "browser")
 def test_a_killed_worker_fails_its_reply_within_10_s_and_the_page_tries_again(
     chat, chat_database, stand_in, page
