@@ -3274,6 +3274,23 @@ def test_logging_out_ends_the_users_stream_on_the_other_process_within_2_s(two_p
     assert ended_within < 2
 
 
+@layer("events", "browser")
+def test_a_page_refused_by_a_server_then_gone_says_so_without_a_script_error(two_processes, page):
+    # The page asks again to read why: by then the server may be out of reach too.
+    asked = []
+
+    def refuse_then_drop(route):
+        asked.append(route.request.url)
+        if len(asked) == 1:
+            route.fulfill(status=403, body="Log in first", content_type="text/plain")
+        else:
+            route.abort("connectionrefused")
+
+    page.route(re.compile(r"/stream/"), refuse_then_drop)
+    log_in_on_the_page(page, two_processes[0].url, then="closed: the server is out of reach")
+    assert len(asked) == 2
+
+
 # Every way Django takes a right away, each on a user of its own, in a group of its own:
 # the change, and what the user's stream then gets when it comes back.
 REFUSED, ONLY_THEIR_OWN, ALL_BUT_THE_CHANGE = 403, "their own", "their own and the group's"
