@@ -3977,6 +3977,11 @@ def saved_id(database, prompt):
     return database.sql("SELECT id FROM live_reply WHERE prompt = %s", prompt)[0][0]
 
 
+def worker_of(database, prompt):
+    """The worker that claimed the reply to `prompt`, or "" before one does."""
+    return database.sql("SELECT worker FROM live_reply WHERE prompt = %s", prompt)[0][0]
+
+
 def published_at(database, prompt, status):
     """When the status `status` of the reply to `prompt` was committed to the log."""
     ((at,),) = database.sql(
@@ -4130,23 +4135,16 @@ def test_stop_in_a_tab_on_the_other_process_closes_the_model_within_1_s_and_all_
 ASKED = (
     "WITH asked AS (INSERT INTO live_reply (user_id, prompt, text, parts, status, why, worker)"
     " VALUES (%s, %s, '', 0, 'queued', '', '') RETURNING id)"
-    " SELECT id, pg_notify('live_reply', 'ask') FROM asked"
+    " SELECT pg_notify('live_reply', 'ask') FROM asked"
 )
 STOPPED_TOGETHER = (
-    "WITH told AS (UPDATE live_reply SET status = 'stopping' WHERE id = ANY(%s) RETURNING id)"
-    " SELECT pg_notify('live_reply', 'stop ' || id) FROM told"
+    "WITH told AS (UPDATE live_reply SET status = 'stopping' WHERE prompt = ANY(%s)"
+    " RETURNING id) SELECT pg_notify('live_reply', 'stop ' || id) FROM told"
 )
-
-
 CLAIMING = (
     "SELECT count(*) FROM pg_stat_activity"
     " WHERE state = 'active' AND query LIKE 'UPDATE live_reply SET status%%'"
 )
-
-
-def worker_of(database, pk):
-    """The worker that claimed reply `pk`, or ""."""
-    return database.sql("SELECT worker FROM live_reply WHERE id = %s", pk)[0][0]
 
 
 @layer("chat")
@@ -4155,19 +4153,18 @@ def test_stops_heard_together_each_close_their_model_at_once(chat, chat_database
     # its next commit would wait for the renewal of its leases, a second away.
     ((admin,),) = chat_database.sql("SELECT id FROM auth_user WHERE username = 'admin'")
     until_workers_listen(chat_database, 2)
-    prompts, ids = [], []
+    prompts = []
     for standing_still in reversed(chat.workers):  # each reply claimed by the other worker
         prompts.append(unique("Stopped together [stall]"))
         os.kill(standing_still.process.pid, signal.SIGSTOP)
         try:
             # A claim it sent just before would still take the reply.
             eventually(lambda: chat_database.sql(CLAIMING) == [(0,)], 5, "no claim under way")
-            ((pk, _),) = chat_database.sql(ASKED, admin, prompts[-1])
-            eventually(functools.partial(worker_of, chat_database, pk), 5, "claimed")
+            chat_database.sql(ASKED, admin, prompts[-1])
+            eventually(functools.partial(worker_of, chat_database, prompts[-1]), 5, "claimed")
         finally:
             os.kill(standing_still.process.pid, signal.SIGCONT)
-        ids.append(pk)
-    assert len({worker_of(chat_database, pk) for pk in ids}) == 2, "one on each worker"
+    assert len({worker_of(chat_database, prompt) for prompt in prompts}) == 2, "one on each worker"
 
     def sent_three(prompt):
         return any(len(each.sent) >= 3 for each in stand_in.requests_for(prompt))
@@ -4176,7 +4173,7 @@ def test_stops_heard_together_each_close_their_model_at_once(chat, chat_database
     # Past the commit of the third part, which would read the stop as well.
     last = max(stand_in.request_for(prompt).sent[2] for prompt in prompts)
     time.sleep(max(0, last + 0.3 - time.time()))
-    chat_database.sql(STOPPED_TOGETHER, ids)
+    chat_database.sql(STOPPED_TOGETHER, prompts)
     stopped_at = time.time()  # committed: the workers are told
     eventually(
         lambda: all(stand_in.request_for(prompt).hung_up for prompt in prompts), 5, "hung up"
@@ -4198,7 +4195,7 @@ def test_a_killed_worker_fails_its_reply_within_10_s_and_the_page_tries_again(
     prompt = unique("Killed [120 at 50/s]")
     ask_on_the_page(page, prompt)
     until_answered_at_least(page, prompt, 50)
-    ((worker,),) = chat_database.sql("SELECT worker FROM live_reply WHERE prompt = %s", prompt)
+    worker = worker_of(chat_database, prompt)
     making = next(each for each in chat.workers if f":{each.process.pid}" in worker)
     killed = time.monotonic()
     making.kill()
@@ -4449,7 +4446,7 @@ def test_a_deploy_of_the_web_servers_and_of_the_worker_loses_no_answer(
     ask_on_the_page(page, prompt)
     until_answered_at_least(page, prompt, 50)
     chat.servers[0].restart()  # the page's process: the page comes back to the new one
-    ((worker,),) = chat_database.sql("SELECT worker FROM live_reply WHERE prompt = %s", prompt)
+    worker = worker_of(chat_database, prompt)
     making = next(each for each in chat.workers if f":{each.process.pid}" in worker)
     told = time.monotonic()
     stopping = threading.Thread(target=making.stop)  # SIGTERM: it ends what it makes
@@ -4461,8 +4458,7 @@ def test_a_deploy_of_the_web_servers_and_of_the_worker_loses_no_answer(
     until_status(page, prompt, "finished")
     making.start()
     assert shown_answer(page, prompt) == answer_to(stand_in.request_for(prompt).messages)
-    ((other,),) = chat_database.sql("SELECT worker FROM live_reply WHERE prompt = %s", during)
-    assert other != worker, "the worker told to stop took no new reply"
+    assert worker_of(chat_database, during) != worker, "the worker told to stop took no new reply"
     assert making.process.returncode is None and ended_in < 10
     said = statuses_published(chat_database, prompt)
     assert said == ["finished"], "its lease renewed to the end: never failed on the way"
