@@ -3883,7 +3883,8 @@ def make_chat_project(root, database, stand_in):
         f'MODEL_URL = "http://127.0.0.1:{stand_in.port}/v1"\n'
         'MODEL_KEY = "a key for the stand-in"\n'
         'MODEL_NAME = "stand-in"\n'
-        'MODEL_STALL = int(os.environ.get("MODEL_STALL", 2))\n'
+        # Time for a Stop to land between the renewal of a silent reply's lease and its stall.
+        'MODEL_STALL = int(os.environ.get("MODEL_STALL", 3))\n'
     )
     (root / "mysite" / "settings_chat_small_log.py").write_text(
         "from .settings_chat import *  # noqa\n\nSSE_LOG_SIZE = 100\n"
@@ -4257,7 +4258,7 @@ FAULTS = {  # what the model does: the prompt that asks for it, what the page th
     "answers 429": ("[429]", "the model answered 429"),
     "answers 500": ("[500]", "the model answered 500"),
     "breaks off mid-answer": ("[break]", "the model's answer broke off"),
-    "stalls mid-answer": ("[stall]", "the model sent nothing for 2 s"),
+    "stalls mid-answer": ("[stall]", "the model sent nothing for 3 s"),
 }
 
 
