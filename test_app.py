@@ -2567,6 +2567,11 @@ def log_in_on_the_page(page, url, then="live", path="/"):
     expect(page.locator("#state")).to_have_text(then, timeout=5000)
 
 
+def post_on_the_page(page, text):
+    page.fill("#post input[name=text]", text)
+    page.click("#post button")
+
+
 @layer("events", "browser", group="events: edges")
 def test_the_page_resumes_a_quiet_stream_across_a_restart_with_nothing_lost(
     two_processes, publisher, page
@@ -3291,6 +3296,25 @@ def test_a_page_refused_by_a_server_then_gone_says_so_without_a_script_error(two
     assert len(asked) == 2
 
 
+@layer("events", "browser", group="events: edges")
+def test_a_message_not_taken_stays_in_the_box_and_the_page_says_why(
+    two_processes, page, postgresql
+):
+    before = newest_position(postgresql)
+    log_in_on_the_page(page, two_processes[0].url)
+    page.route(re.compile(r"/post/"), lambda route: route.abort("connectionrefused"))
+    post_on_the_page(page, "not sent")
+    expect(page.locator("#refused")).to_have_text("The server is out of reach")
+    expect(page.locator("#post input[name=text]")).to_have_value("not sent")
+    page.unroute(re.compile(r"/post/"))
+    page.context.clear_cookies(name="sessionid")  # logged out, as by another tab
+    page.click("#post button")
+    # Not the login page that login_required would redirect fetch() to, taken for a post.
+    expect(page.locator("#refused")).to_have_text("Log in again")
+    expect(page.locator("#post input[name=text]")).to_have_value("not sent")
+    assert newest_position(postgresql) == before, "nothing was published"
+
+
 # Every way Django takes a right away, each on a user of its own, in a group of its own:
 # the change, and what the user's stream then gets when it comes back.
 REFUSED, ONLY_THEIR_OWN, ALL_BUT_THE_CHANGE = 403, "their own", "their own and the group's"
@@ -3491,11 +3515,6 @@ def readme_uvicorn_workers(directory, project, env):
         server.stop()
         raise
     return server
-
-
-def post_on_the_page(page, text):
-    page.fill("#post input[name=text]", text)
-    page.click("#post button")
 
 
 @layer("gunicorn", "browser")
@@ -3870,7 +3889,7 @@ def chat_database():
 
 def make_chat_project(root, database, stand_in):
     """The project of the last two chapters with this one's files added, on `database`,
-    with the stand-in for the model, its answers failing after 2 s without a byte."""
+    with the stand-in for the model."""
     chapters = {OWN_PROJECT: OWN_PROJECT_FILES, EVENTS: EVENTS_FILES, CHAT: CHAT_FILES}
     make_project(root, chapters, **database.env)
     for name, lines in TEST_SETTINGS.items():
