@@ -3717,12 +3717,15 @@ class StandIn:
 
     async def stream(self, request, writer, anthropic):
         prompt = request.messages[-1]["content"]
-        if refused := re.search(r"\[(429|500)\]", prompt):
+        status = (refused := re.search(r"\[(429|500)\]", prompt)) and refused[1]
+        if anthropic and not all(message["content"].strip() for message in request.messages):
+            status = "400"  # as Anthropic's API refuses a turn of no text
+        if status:
             body = b'{"error": {"type": "stand_in", "message": "as the prompt asked"}}'
             writer.write(
                 b"HTTP/1.1 %b Refused\r\nContent-Type: application/json\r\n"
                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%b"
-                % (refused[1].encode(), len(body), body)
+                % (status.encode(), len(body), body)
             )
             return await writer.drain()
         chunks, per_second = self.chunks, self.per_second
@@ -4495,14 +4498,22 @@ def in_place_of(source, block):
 
 
 ANSWER_FROM_ANTHROPIC = """import asyncio, json
-from live.replies_anthropic import answer, failure
+from django.contrib.auth.models import User
+from live.models import Reply
+from live.replies_anthropic import answer, failure, messages
+
+# A conversation with a reply stopped before its first word, then a prompt.
+user = User.objects.create(username=USERNAME)
+Reply.objects.create(user=user, prompt="Stopped at once", status=Reply.STOPPED)
+conversation = [[{"role": "user", "content": prompt}] for prompt in PROMPTS]
+conversation.append(messages(Reply.objects.create(user=user, prompt=PROMPTS[0] + " again")))
 
 
 async def main():
-    for prompt in PROMPTS:
+    for messages in conversation:
         usage, text, why = {}, "", None
         try:
-            async for part in answer([{"role": "user", "content": prompt}], usage):
+            async for part in answer(messages, usage):
                 text += part
         except Exception as error:
             why = failure(error, began=text)
@@ -4522,13 +4533,17 @@ def test_the_answer_for_anthropics_api_streams_from_it(chat_project, chat_databa
     (chat_project / "live" / "replies_anthropic.py").write_text(in_place_of(replies, block))
     prompts = [unique("Hello, Claude"), unique("Fail [429]"), unique("Break [break]")]
     code = ANSWER_FROM_ANTHROPIC.replace("PROMPTS", repr(prompts))
+    code = code.replace("USERNAME", repr(unique("anthropic")))
     output = in_project(chat_project, chat_database, code, settings="mysite.settings_anthropic")
-    answered, refused, broken = map(json.loads, output.splitlines())
+    answered, refused, broken, again = map(json.loads, output.splitlines())
     made = answer_to([{"role": "user", "content": prompts[0]}])
     assert answered == [made, {"input": 1, "output": 30}, None]
     assert refused[2] == "the model answered 429"
     assert broken[2] == "the model's answer broke off"
     assert broken[0] and answer_to([{"role": "user", "content": prompts[2]}]).startswith(broken[0])
+    # The stopped reply left out of the conversation: one turn of no text, and a 400.
+    again_made = answer_to([{"role": "user", "content": prompts[0] + " again"}])
+    assert again == [again_made, {"input": 1, "output": 30}, None]
 
 
 @layer("chat", "browser", group="chat: elsewhere")
