@@ -4161,12 +4161,12 @@ def test_stop_in_a_tab_on_the_other_process_closes_the_model_within_1_s_and_all_
     other.close()
 
 
-# A reply asked for as ask() does it, and replies stopped as the Stop view does it, all in
-# one commit: the workers hear each of those stops in the same read, as under load.
+# A reply asked for the admin as ask() does it, and replies stopped as the Stop view does it,
+# all in one commit: the workers hear each of those stops in the same read, as under load.
 ASKED = (
     "WITH asked AS (INSERT INTO live_reply (user_id, prompt, text, parts, status, why, worker)"
-    " VALUES (%s, %s, '', 0, 'queued', '', '') RETURNING id)"
-    " SELECT pg_notify('live_reply', 'ask') FROM asked"
+    " SELECT id, %s, '', 0, 'queued', '', '' FROM auth_user WHERE username = 'admin'"
+    " RETURNING id) SELECT pg_notify('live_reply', 'ask') FROM asked"
 )
 STOPPED_TOGETHER = (
     "WITH told AS (UPDATE live_reply SET status = 'stopping' WHERE prompt = ANY(%s)"
@@ -4182,7 +4182,6 @@ CLAIMING = (
 def test_stops_heard_together_each_close_their_model_at_once(chat, chat_database, stand_in):
     # A reply on each worker, each silent since its third part: a stop a worker left for
     # its next commit would wait for the renewal of its leases, a second away.
-    ((admin,),) = chat_database.sql("SELECT id FROM auth_user WHERE username = 'admin'")
     until_workers_listen(chat_database, 2)
     prompts = []
     for standing_still in reversed(chat.workers):  # each reply claimed by the other worker
@@ -4191,7 +4190,7 @@ def test_stops_heard_together_each_close_their_model_at_once(chat, chat_database
         try:
             # A claim it sent just before would still take the reply.
             eventually(lambda: chat_database.sql(CLAIMING) == [(0,)], 5, "no claim under way")
-            chat_database.sql(ASKED, admin, prompts[-1])
+            chat_database.sql(ASKED, prompts[-1])
             eventually(functools.partial(worker_of, chat_database, prompts[-1]), 5, "claimed")
         finally:
             os.kill(standing_still.process.pid, signal.SIGCONT)
@@ -4239,6 +4238,30 @@ def test_a_killed_worker_fails_its_reply_within_10_s_and_the_page_tries_again(
     until_status(page, prompt, "finished")
     assert shown_answer(page, prompt) == answer_to(stand_in.request_for(prompt).messages)
     assert within < 10
+
+
+@layer("chat")
+def test_a_worker_ends_when_the_database_is_out_of_reach(chat_project, chat_database, tmp_path):
+    # Ended, its process manager starts it again; one that hung on would make nothing. A
+    # connection closed fails at once; one that died without a word, as a NAT or a failover
+    # leaves it, holds a thread's query until TCP gives up, a quarter of an hour.
+    relay = Relay(chat_database.port)
+    env = {**chat_database.env, **CHAT_SETTINGS, "PGPORT": str(relay.port)}
+    cut_off = ReplyWorker(tmp_path, chat_project, env).start()
+    try:
+        # Listening, and committing from a thread: its leases, renewed each second.
+        connected = functools.partial(database_connections, cut_off.process.pid, relay.port)
+        eventually(lambda: len(connected()) >= 2, 30, "the worker connected")
+        relay.freeze()
+        started = time.monotonic()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            cut_off.process.wait(20)
+        ended_in = time.monotonic() - started
+    finally:
+        returncode = cut_off.process.poll()
+        cut_off.kill()
+        relay.close()
+    assert returncode and ended_in < 10, f"ended after {ended_in:.1f} s: {cut_off.served}"
 
 
 @layer("chat", "browser")
