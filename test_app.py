@@ -4262,6 +4262,7 @@ def test_a_worker_ends_when_the_database_is_out_of_reach(chat_project, chat_data
         cut_off.kill()
         relay.close()
     assert returncode and ended_in < 10, f"ended after {ended_in:.1f} s: {cut_off.served}"
+    assert "TimeoutError" in cut_off.served, "its log says why"
 
 
 @layer("chat", "browser")
