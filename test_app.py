@@ -802,7 +802,7 @@ class Listener(asyncio.Protocol):
         # Every event (and the retry block) ends with one blank line.
         self.arrivals += [time.monotonic()] * data.count(b"\n\n")
         # The response's last chunk: the stream ended, though the connection is kept alive.
-        self.tail = (self.tail + data)[-7:]
+        self.tail = (self.tail + data[-7:])[-7:]
         self.ended = self.ended or self.tail == b"\r\n0\r\n\r\n"
 
     def connection_lost(self, exc):
@@ -3725,7 +3725,8 @@ class StandIn:
 
     async def stream(self, request, writer, anthropic):
         prompt = request.messages[-1]["content"]
-        status = (refused := re.search(r"\[(429|500)\]", prompt)) and refused[1]
+        refused = re.search(r"\[(429|500)\]", prompt)
+        status = refused[1] if refused else None
         if anthropic and not all(message["content"].strip() for message in request.messages):
             status = "400"  # as Anthropic's API refuses a turn of no text
         if status:
@@ -4542,10 +4543,10 @@ conversation.append(messages(Reply.objects.create(user=user, prompt=PROMPTS[0] +
 
 
 async def main():
-    for messages in conversation:
+    for turns in conversation:
         usage, text, why = {}, "", None
         try:
-            async for part in answer(messages, usage):
+            async for part in answer(turns, usage):
                 text += part
         except Exception as error:
             why = failure(error, began=text)
