@@ -2818,6 +2818,39 @@ def test_a_stream_that_falls_behind_what_the_log_keeps_is_told_so(events_project
     assert len(after) == 1 and "event: missed" in after[0], after[:3]
 
 
+# A keep-alive due at every turn of the loop: events arrive as the stream gives up waiting
+# for them, as now and then one does when a stream's 25 s are up.
+KEEP_ALIVE_DUE = """import live.events
+    live.events.KEEP_ALIVE = 0
+    stream, sent = events_for({"*"}, feed.last_id, feed.last_id), []
+
+    async def read():
+        async for batch in stream:
+            sent.extend(message.decode() for message in batch)
+
+    reading = asyncio.create_task(read())
+    published = []
+    for number in range(100):
+        published.append(await sync_to_async(publish_many)(1, "kept"))
+        await asyncio.sleep(0.005)
+    await read_up_to(feed, published[-1])
+    await asyncio.sleep(0.1)
+    reading.cancel()
+    print(json.dumps(published))
+    print(json.dumps([message for message in sent if "data:" in message]))"""
+
+
+@layer("events", group="events: edges")
+def test_an_event_that_arrives_as_a_keep_alive_is_due_is_sent(events_project, postgresql):
+    published, sent = map(
+        json.loads,
+        in_project(
+            events_project, postgresql, PAUSED_STREAM.replace("BODY", KEEP_ALIVE_DUE)
+        ).splitlines(),
+    )
+    assert [int(re.match(r"id: (\d+)\n", message)[1]) for message in sent] == published
+
+
 @layer("events", group="events: edges")
 def test_a_last_event_id_the_log_no_longer_has_or_never_had_is_told_so(
     events_project, postgresql, publisher, tmp_path
