@@ -4275,7 +4275,10 @@ def test_a_killed_worker_fails_its_reply_within_10_s_and_the_page_tries_again(
 
 
 @layer("chat")
-def test_a_worker_ends_when_the_database_is_out_of_reach(chat_project, chat_database, tmp_path):
+@pytest.mark.parametrize("while_claiming", [False, True], ids=["at rest", "while it claims"])
+def test_a_worker_ends_when_the_database_is_out_of_reach(
+    chat_project, chat_database, tmp_path, while_claiming
+):
     # Ended, its process manager starts it again; one that hung on would make nothing. A
     # connection closed fails at once; one that died without a word, as a NAT or a failover
     # leaves it, holds a thread's query until TCP gives up, a quarter of an hour.
@@ -4286,7 +4289,18 @@ def test_a_worker_ends_when_the_database_is_out_of_reach(chat_project, chat_data
         # Listening, and committing from a thread: its leases, renewed each second.
         connected = functools.partial(database_connections, cut_off.process.pid, relay.port)
         eventually(lambda: len(connected()) >= 2, 30, "the worker connected")
-        relay.freeze()
+        if while_claiming:  # as a migration's lock holds it, longer than a query may take
+            import psycopg
+
+            with psycopg.connect(**chat_database.connection("mysite")) as holding:
+                holding.execute("LOCK TABLE live_reply")
+                eventually(lambda: claims_waiting(chat_database), 10, "a claim waiting")
+                time.sleep(4)
+                assert cut_off.process.poll() is None, "a lock is no reason to end"
+                relay.freeze()
+                holding.rollback()
+        else:
+            relay.freeze()
         started = time.monotonic()
         with contextlib.suppress(subprocess.TimeoutExpired):
             cut_off.process.wait(20)
@@ -4297,6 +4311,13 @@ def test_a_worker_ends_when_the_database_is_out_of_reach(chat_project, chat_data
         relay.close()
     assert returncode and ended_in < 10, f"ended after {ended_in:.1f} s: {cut_off.served}"
     assert "TimeoutError" in cut_off.served, "its log says why"
+
+
+def claims_waiting(database):
+    return database.sql(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE wait_event_type = 'Lock' AND query LIKE 'UPDATE live_reply SET status %%'"
+    )[0][0]
 
 
 @layer("chat", "browser")
