@@ -2830,7 +2830,7 @@ KEEP_ALIVE_DUE = """import live.events
 
     reading = asyncio.create_task(read())
     published = []
-    for number in range(100):
+    for number in range(30):
         published.append(await sync_to_async(publish_many)(1, "kept"))
         await asyncio.sleep(0.005)
     await read_up_to(feed, published[-1])
