@@ -3525,6 +3525,9 @@ def readme_wsgi_shape(directory, project, env):
     nginx = start_nginx(directory, config)
     try:
         wait_until_listening(front, nginx, log=directory / "error.log")
+        # gunicorn listens before its workers have imported Django: on a busy machine the
+        # first page waits seconds for them. Any answer, from the first worker up, will do.
+        httpx.get(f"http://127.0.0.1:{pages_port}/", timeout=60)
         url = f"http://127.0.0.1:{front}"
         yield SimpleNamespace(url=url, port=front, pages=pages, streams=streams)
     finally:
