@@ -3915,6 +3915,18 @@ class ReplyWorker:
         self.served += self.log_path.read_text(errors="replace")
 
 
+@contextlib.contextmanager
+def paused(*pids):
+    """The processes `pids` stand still, as on a machine that stalls, to the block's end."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
 def until_workers_listen(database, count):
     """Until `count` workers listen: on a loaded machine one takes seconds to start."""
     listening = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'live replies'"
@@ -4223,14 +4235,11 @@ def test_stops_heard_together_each_close_their_model_at_once(chat, chat_database
     prompts = []
     for standing_still in reversed(chat.workers):  # each reply claimed by the other worker
         prompts.append(unique("Stopped together [stall]"))
-        os.kill(standing_still.process.pid, signal.SIGSTOP)
-        try:
+        with paused(standing_still.process.pid):
             # A claim it sent just before would still take the reply.
             eventually(lambda: chat_database.sql(CLAIMING) == [(0,)], 5, "no claim under way")
             chat_database.sql(ASKED, prompts[-1])
             eventually(functools.partial(worker_of, chat_database, prompts[-1]), 5, "claimed")
-        finally:
-            os.kill(standing_still.process.pid, signal.SIGCONT)
     assert len({worker_of(chat_database, prompt) for prompt in prompts}) == 2, "one on each worker"
 
     def sent_three(prompt):
@@ -4308,11 +4317,8 @@ def test_a_worker_ends_when_the_database_is_out_of_reach(
                 " WHERE application_name = 'live replies' AND client_port = ANY(%s)",
                 database_connections(os.getpid(), chat_database.port),  # the relay's
             )[0]
-            os.kill(listener, signal.SIGSTOP)  # its server process: the next SELECT 1 waits
-            try:
+            with paused(listener):  # its server process: the next SELECT 1 waits
                 time.sleep(4.5)
-            finally:
-                os.kill(listener, signal.SIGCONT)
             time.sleep(1.5)  # its answer, and a quiet second more
             assert cut_off.process.poll() is None, (
                 f"a busy moment is no reason to end: {cut_off.served}"
@@ -4349,24 +4355,17 @@ def test_a_worker_that_stood_still_past_its_lease_lets_its_reply_go(
     )
     prompt = unique("Stood still [900 at 50/s]")
     until_workers_listen(chat_database, 2)  # one may have been started again just before
-    for each in chat.workers:  # the reply for the patient worker alone
-        os.kill(each.process.pid, signal.SIGSTOP)
     patient.start()
     try:
-        try:
+        # The reply for the patient worker alone.
+        with paused(*(each.process.pid for each in chat.workers)):
             until_workers_listen(chat_database, 3)
             open_chat(page, chat.urls[0])
             ask_on_the_page(page, prompt)
             until_answered_at_least(page, prompt, 50)
-        finally:
-            for each in chat.workers:
-                os.kill(each.process.pid, signal.SIGCONT)
-        os.kill(patient.process.pid, signal.SIGSTOP)  # as a machine that stalls
-        try:
+        with paused(patient.process.pid):  # as a machine that stalls
             until_status(page, prompt, "failed: its worker stopped: try again", timeout=10)
             failed = saved(chat_database, prompt)
-        finally:
-            os.kill(patient.process.pid, signal.SIGCONT)
         resumed = time.monotonic()
         eventually(lambda: stand_in.request_for(prompt).hung_up, 5, "the model let go")
         went = time.monotonic() - resumed
