@@ -3946,17 +3946,13 @@ def paused_inside_a_transaction(pid, database):
     )
     connections, deadline = database_connections(pid, database.port), time.monotonic() + 20
     for attempt in count():
-        os.kill(pid, signal.SIGSTOP)
-        time.sleep(0.02)  # for what it sent before it stopped
-        if database.sql(inside, connections) != [(0,)]:
-            break
-        os.kill(pid, signal.SIGCONT)
+        with paused(pid):
+            time.sleep(0.02)  # for what it sent before it stopped
+            if database.sql(inside, connections) != [(0,)]:
+                yield
+                return
         assert time.monotonic() < deadline, "never caught inside a transaction"
         time.sleep(0.003 * (attempt % 7))  # not in step with its commits
-    try:
-        yield
-    finally:
-        os.kill(pid, signal.SIGCONT)
 
 
 def until_workers_listen(database, count):
